@@ -1,0 +1,3 @@
+from mvit.cli import main
+
+main()

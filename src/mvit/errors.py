@@ -1,0 +1,32 @@
+"""Errors a user can fix. The CLI prints their message as one sentence and exits non-zero.
+
+Anything that is not an `MvitError` is a bug in mvit and keeps its traceback.
+"""
+
+
+class MvitError(Exception):
+    """A problem with the user's input: a file, a folder, a config, a plugin or a name."""
+
+
+class ModelFileError(MvitError):
+    """A model file that cannot be read, or that does not fit the model it describes."""
+
+
+class WeightsError(MvitError):
+    """A checkpoint whose tensors do not match the backbone: missing, unexpected or mis-shaped."""
+
+
+class ImageError(MvitError):
+    """An image file that cannot be decoded."""
+
+
+class PluginError(MvitError):
+    """A plugin that cannot be loaded, or a dataset or head name that no plugin provides."""
+
+
+class DatasetError(MvitError):
+    """A dataset folder that does not match its plugin's layout."""
+
+
+class ConfigError(MvitError):
+    """A training or evaluation config that does not validate."""

@@ -1,0 +1,1 @@
+"""The built-in dataset plugins. Each is registered through the `mvit` entry-point group."""

@@ -1,0 +1,109 @@
+"""What a plugin registers: datasets, the records they load, and the heads (class sets) they offer.
+
+Plain pydantic models with no torch in sight, so listing plugins stays fast.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+NAME_PATTERN = r"^[a-z][a-z0-9_\-]*$"
+
+
+class Sample(BaseModel):
+    """One image of a dataset, as its loader found it on disk."""
+
+    model_config = ConfigDict(frozen=True)
+
+    path: Path
+    label: str  # the dataset's own label, e.g. "mel" in HAM10000, "Melanoma" in DermMel
+    group: str  # what must not be split across train and test: the lesion id where there is one
+    split: Optional[str] = None  # the official split, where the dataset has one
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+
+class HeadConfig(BaseModel):
+    """The shape of a classifier head: an MLP on the pooled backbone feature."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    hidden: list[int] = Field(default_factory=list)  # hidden layer sizes; empty means one linear layer
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+    @field_validator("hidden")
+    @classmethod
+    def _positive_sizes(cls, sizes: list[int]) -> list[int]:
+        if any(size <= 0 for size in sizes):
+            raise ValueError(f"hidden layer sizes must be positive, got {sizes}")
+        return sizes
+
+
+class HeadSpec(BaseModel):
+    """A class set a model can be trained to predict, with the dataset whose labels feed it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(pattern=NAME_PATTERN)
+    dataset: str = Field(pattern=NAME_PATTERN)
+    classes: tuple[str, ...]  # in the order of the head's outputs
+    # dataset label -> class; labels not listed map to themselves, labels mapped to None are left out
+    label_map: dict[str, Optional[str]] = Field(default_factory=dict)
+    positive: Optional[str] = None  # the class a binary head screens for (sensitivity is measured on it)
+    config: HeadConfig = Field(default_factory=HeadConfig)
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "HeadSpec":
+        if len(self.classes) < 2:
+            raise ValueError(f"head {self.name!r} needs at least two classes, got {list(self.classes)}")
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"head {self.name!r} lists a class twice: {list(self.classes)}")
+        unknown = {c for c in self.label_map.values() if c is not None} - set(self.classes)
+        if unknown:
+            raise ValueError(f"head {self.name!r} maps labels to unknown classes {sorted(unknown)}")
+        if self.positive is not None and self.positive not in self.classes:
+            raise ValueError(f"head {self.name!r}: positive class {self.positive!r} is not one of its classes")
+        return self
+
+    def class_of(self, label: str) -> Optional[str]:
+        """The head's class for a dataset label; None when the head leaves that label out."""
+        cls = self.label_map.get(label, label)
+        if cls is not None and cls not in self.classes:
+            return None
+        return cls
+
+
+class DatasetSpec(BaseModel):
+    """A dataset: where its images are, what its labels mean and how it splits."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+
+    name: str = Field(pattern=NAME_PATTERN)
+    title: str
+    citation: str = ""
+    license: str = ""
+    homepage: str = ""
+    labels: tuple[str, ...]  # every label the loader can produce
+    layout: str = ""  # one line telling a user what the root folder must look like
+    splits: tuple[str, ...] = ("train", "valid", "test")
+    # True when the loader fills Sample.split from the dataset's own folders; otherwise mvit splits
+    # deterministically by Sample.group, stratified by label, with these fractions
+    official_splits: bool = False
+    split_fractions: dict[str, float] = Field(default_factory=lambda: {"train": 0.7, "valid": 0.15, "test": 0.15})
+    load: Callable[[Path], list[Sample]]  # root folder -> records; raises DatasetError on a wrong layout
+    check_layout: Optional[Callable[[Path], None]] = None  # fast check; raises DatasetError naming the problem
+
+    @field_validator("split_fractions")
+    @classmethod
+    def _fractions_sum_to_one(cls, fractions: dict[str, float]) -> dict[str, float]:
+        if any(f < 0 for f in fractions.values()) or abs(sum(fractions.values()) - 1.0) > 1e-6:
+            raise ValueError(f"split fractions must be non-negative and sum to 1, got {fractions}")
+        return fractions
+
+
+def is_valid_name(name: str) -> bool:
+    return re.match(NAME_PATTERN, name) is not None
