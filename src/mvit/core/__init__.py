@@ -1,0 +1,1 @@
+"""Everything that knows torch, and nothing that knows a dataset."""

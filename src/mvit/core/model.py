@@ -1,0 +1,142 @@
+"""One backbone, many named heads: any subset of heads is computed from one backbone pass."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Iterable, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+
+from mvit.core.heads import ClassifierHead
+from mvit.core.transforms import Preprocessing
+from mvit.core.vit import VisionTransformer
+from mvit.errors import MvitError
+from mvit.registry.specs import NAME_PATTERN, HeadConfig, HeadSpec
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mvit.core.predict import ImageInput, Prediction
+
+
+class HeadInfo(BaseModel):
+    """What a trained head predicts and how to read it. Stored in the model file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=NAME_PATTERN)
+    dataset: str
+    classes: tuple[str, ...]
+    positive: Optional[str] = None  # the class a binary head screens for
+    config: HeadConfig = Field(default_factory=HeadConfig)
+    # Binary heads: predict `positive` when its calibrated probability is at least this.
+    threshold: Optional[float] = Field(default=None, ge=0, le=1)
+    threshold_target: Optional[str] = None  # how the threshold was chosen, e.g. "sensitivity >= 0.90 on valid"
+    temperature: float = Field(default=1.0, gt=0)  # logits are divided by it before the softmax
+    metrics: dict[str, float] = Field(default_factory=dict)  # measured on held-out data, when known
+    description: str = ""
+
+    @classmethod
+    def from_spec(cls, spec: HeadSpec) -> "HeadInfo":
+        return cls(
+            name=spec.name,
+            dataset=spec.dataset,
+            classes=spec.classes,
+            positive=spec.positive,
+            config=spec.config,
+            description=spec.description,
+        )
+
+    @property
+    def is_binary(self) -> bool:
+        return len(self.classes) == 2 and self.positive is not None
+
+
+class UnknownHeadError(MvitError):
+    pass
+
+
+class Model(nn.Module):
+    """A backbone with named classifier heads and the preprocessing they were trained with."""
+
+    def __init__(self, backbone: VisionTransformer, preprocessing: Optional[Preprocessing] = None):
+        super().__init__()
+        self.backbone = backbone
+        self.preprocessing = preprocessing or Preprocessing(image_size=backbone.config.image_size)
+        self.classifiers = nn.ModuleDict()
+        self._head_info: dict[str, HeadInfo] = {}
+
+    # ---- heads ------------------------------------------------------------------------------
+
+    @property
+    def heads(self) -> Mapping[str, HeadInfo]:
+        """Each head's description, by name (read-only; use `add_head` / `remove_head`)."""
+        return dict(self._head_info)
+
+    def add_head(self, head: Union[HeadInfo, HeadSpec]) -> ClassifierHead:
+        info = HeadInfo.from_spec(head) if isinstance(head, HeadSpec) else head
+        if info.name in self._head_info:
+            raise MvitError(f"the model already has a head named {info.name!r}")
+        module = ClassifierHead(self.backbone.width, len(info.classes), info.config)
+        module.to(next(self.backbone.parameters()).device)
+        self.classifiers[info.name] = module
+        self._head_info[info.name] = info
+        return module
+
+    def remove_head(self, name: str) -> None:
+        self.select_heads(name)
+        del self.classifiers[name]
+        del self._head_info[name]
+
+    def update_head(self, name: str, **changes) -> HeadInfo:
+        """Change stored facts of a head (threshold, temperature, metrics) after validating them."""
+        self.select_heads(name)
+        info = HeadInfo.model_validate({**self._head_info[name].model_dump(), **changes})
+        self._head_info[name] = info
+        return info
+
+    def select_heads(self, heads: Union[None, str, Iterable[str]]) -> list[str]:
+        """Validated head names: None or "all" means every head."""
+        if heads is None or heads == "all":
+            return list(self._head_info)
+        names = [heads] if isinstance(heads, str) else list(heads)
+        if "all" in names:
+            return list(self._head_info)
+        for name in names:
+            if name not in self._head_info:
+                have = ", ".join(self._head_info) or "none"
+                raise UnknownHeadError(
+                    f"this model has no head {name!r} (it has: {have}); "
+                    f"train one with `mvit train` on a config whose dataset offers head {name!r}"
+                )
+        return names
+
+    # ---- computation ------------------------------------------------------------------------
+
+    def head_logits(self, features: Tensor, heads: Union[None, str, Iterable[str]] = None) -> dict[str, Tensor]:
+        """Pooled features (B, D) -> {head: logits (B, K)}."""
+        return {name: self.classifiers[name](features) for name in self.select_heads(heads)}
+
+    def forward(self, images: Tensor, heads: Union[None, str, Iterable[str]] = None) -> dict[str, Tensor]:
+        """Normalised images (B, 3, S, S) -> {head: logits (B, K)}, with one backbone pass."""
+        return self.head_logits(self.backbone(images), heads)
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Backbone groups (input side first), then `head.<name>` for each head."""
+        groups = self.backbone.parameter_groups()
+        for name, module in self.classifiers.items():
+            groups[f"head.{name}"] = list(module.parameters())
+        return groups
+
+    # ---- the friendly API (implemented in predict.py and attention.py) -------------------------
+
+    def predict(self, images: "ImageInput", head: Union[None, str, Iterable[str]] = None, **options) -> list["Prediction"]:
+        """Predictions for paths, PIL images, arrays or tensors; see `mvit.core.predict.predict`."""
+        from mvit.core.predict import predict
+
+        return predict(self, images, head=head, **options)
+
+    def attention(self, images: "ImageInput", head: Optional[str] = None, **options):
+        """Attention maps for images; see `mvit.core.attention.attention_maps`."""
+        from mvit.core.attention import attention_maps
+
+        return attention_maps(self, images, head=head, **options)

@@ -1,0 +1,27 @@
+"""Shared fixtures: small backbones and models that build in milliseconds."""
+
+import pytest
+import torch
+
+from mvit.core.model import HeadInfo, Model
+from mvit.core.transforms import Preprocessing
+from mvit.core.vit import VisionTransformer, ViTConfig
+from mvit.registry.specs import HeadConfig
+
+TINY = ViTConfig(image_size=32, patch_size=8, width=48, depth=2, num_heads=4)
+
+
+def tiny_model(seed: int = 0) -> Model:
+    """A two-block backbone at 32 px with a binary and a three-class head."""
+    torch.manual_seed(seed)
+    model = Model(VisionTransformer(TINY), Preprocessing(image_size=32))
+    model.add_head(HeadInfo(name="mel", dataset="toy", classes=("melanoma", "other"), positive="melanoma", threshold=0.3))
+    model.add_head(
+        HeadInfo(name="three", dataset="toy", classes=("a", "b", "c"), config=HeadConfig(hidden=[16], dropout=0.1))
+    )
+    return model.eval()
+
+
+@pytest.fixture
+def model() -> Model:
+    return tiny_model()
