@@ -1,0 +1,37 @@
+"""Which number format to compute in: bfloat16 autocast where the hardware runs it fast, else float32.
+
+bfloat16 matrix work is fast on CUDA GPUs and on CPUs with AMX (Intel Sapphire Rapids and later). On
+other CPUs it is emulated and several times slower than float32, so `auto` must not pick it there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from functools import lru_cache
+from typing import Literal, Optional
+
+import torch
+
+Precision = Literal["auto", "fp32", "bf16"]
+
+
+@lru_cache(maxsize=1)
+def cpu_has_fast_bfloat16() -> bool:
+    get_capabilities = getattr(torch.cpu, "get_capabilities", None)
+    return bool(get_capabilities and get_capabilities().get("amx_bf16"))
+
+
+def autocast_dtype(precision: Precision, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype for `precision` on `device`; None means plain float32."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    fast = device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bfloat16())
+    return torch.bfloat16 if fast else None
+
+
+def autocast(device: torch.device, dtype: Optional[torch.dtype]) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
