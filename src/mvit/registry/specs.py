@@ -23,6 +23,8 @@ class Sample(BaseModel):
     label: str  # the dataset's own label, e.g. "mel" in HAM10000, "Melanoma" in DermMel
     group: str  # what must not be split across train and test: the lesion id where there is one
     split: Optional[str] = None  # the official split, where the dataset has one
+    # free-form facts from the dataset; meta["augmented"] = True marks an augmented copy, which mvit
+    # keeps out of every evaluation split
     meta: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -89,13 +91,18 @@ class DatasetSpec(BaseModel):
     homepage: str = ""
     labels: tuple[str, ...]  # every label the loader can produce
     layout: str = ""  # one line telling a user what the root folder must look like
-    splits: tuple[str, ...] = ("train", "valid", "test")
+    splits: tuple[str, ...] = ("train", "valid", "test")  # the first is the training split, the rest evaluate
     # True when the loader fills Sample.split from the dataset's own folders; otherwise mvit splits
     # deterministically by Sample.group, stratified by label, with these fractions
     official_splits: bool = False
     split_fractions: dict[str, float] = Field(default_factory=lambda: {"train": 0.7, "valid": 0.15, "test": 0.15})
-    load: Callable[[Path], list[Sample]]  # root folder -> records; raises DatasetError on a wrong layout
+    # root folder -> one record per label row (or labelled file), whether or not its image exists, so
+    # `mvit data check` can report missing images; raises DatasetError on a wrong layout
+    load: Callable[[Path], list[Sample]]
     check_layout: Optional[Callable[[Path], None]] = None  # fast check; raises DatasetError naming the problem
+    # root folder -> every image file the layout holds, labelled or not (to find images without labels);
+    # None means every image file under the root
+    find_images: Optional[Callable[[Path], list[Path]]] = None
 
     @field_validator("split_fractions")
     @classmethod

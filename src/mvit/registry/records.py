@@ -1,0 +1,100 @@
+"""Turns a dataset folder into validated records, through the dataset's plugin.
+
+Plugins are third-party code: here their output is checked once (labels they declared, images that
+exist) so the rest of mvit can trust a `Sample`, and a plugin's own bug surfaces as one sentence
+naming the plugin instead of a traceback from deep inside training.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+from mvit.errors import DatasetError, PluginError
+from mvit.registry import manager
+from mvit.registry.specs import DatasetSpec, HeadSpec, Sample
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
+
+
+def is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def image_files(root: Path) -> list[Path]:
+    """Every image file under `root`, sorted: the default answer to "which images does it hold"."""
+    return sorted(path for path in root.rglob("*") if path.is_file() and is_image(path))
+
+
+def read_dataset(spec: DatasetSpec, root: Path | str) -> list[Sample]:
+    """The plugin's records for `root`, as loaded (rows without images included), labels checked."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DatasetError(
+            f"the {spec.name} folder {root} does not exist or is not a folder; pass --root the folder "
+            f"that holds {spec.layout or 'the dataset'}"
+        )
+    provider = _provider(spec.name)
+    try:
+        if spec.check_layout is not None:
+            spec.check_layout(root)
+        samples = spec.load(root)
+    except DatasetError:
+        raise
+    except OSError as error:
+        raise DatasetError(f"cannot read the {spec.name} folder {root}: {error}") from error
+    except Exception as error:  # noqa: BLE001 - a bug in the plugin, reported as such
+        raise PluginError(
+            f"the {spec.name} loader of plugin {provider} failed on {root} with {type(error).__name__}: "
+            f"{error}; report this to the plugin's author"
+        ) from error
+    if not samples:
+        raise DatasetError(f"the {spec.name} folder {root} holds no labelled images; expected {spec.layout}")
+    for sample in samples:
+        if sample.label not in spec.labels:
+            raise DatasetError(
+                f"{sample.path} has the label {sample.label!r}, which dataset {spec.name} does not know "
+                f"(its labels: {', '.join(spec.labels)}); fix the label or remove the image"
+            )
+    return samples
+
+
+def load_samples(dataset: str, root: Path | str) -> list[Sample]:
+    """The records of dataset `dataset` under `root`, every one with its image on disk."""
+    spec = manager.get_dataset(dataset)
+    samples = read_dataset(spec, root)
+    missing = [sample for sample in samples if not sample.path.is_file()]
+    if missing:
+        raise DatasetError(
+            f"{len(missing)} {spec.name} label rows have no image (the first: {missing[0].path}); "
+            f"run `mvit data check {spec.name} --root {root}` for the full list"
+        )
+    return samples
+
+
+def find_images(spec: DatasetSpec, root: Path) -> list[Path]:
+    return spec.find_images(root) if spec.find_images is not None else image_files(root)
+
+
+def head_targets(head: HeadSpec, samples: Iterable[Sample]) -> list[tuple[Sample, int]]:
+    """Each sample the head uses, with the index of its class; samples the head leaves out are dropped."""
+    targets = []
+    for sample in samples:
+        if sample.label not in head.label_map and sample.label not in head.classes:
+            raise DatasetError(
+                f"{sample.path} has the label {sample.label!r}, which head {head.name} does not know "
+                f"(its classes: {', '.join(head.classes)})"
+            )
+        cls = head.class_of(sample.label)
+        if cls is not None:
+            targets.append((sample, head.classes.index(cls)))
+    return targets
+
+
+def _provider(dataset: str) -> str:
+    try:
+        info = manager.registry().plugin_of("dataset", dataset)
+    except KeyError:
+        return "(unregistered)"
+    return f"{info.name!r} ({' '.join(filter(None, (info.distribution, info.version)))})"
+
