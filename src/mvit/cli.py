@@ -6,9 +6,11 @@ and `mvit plugins` start fast. A user mistake (`MvitError`) is one sentence on s
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from enum import Enum
 from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.console import Console
@@ -196,4 +198,269 @@ def data_leaks_command(
 
 # ---- commands: predict, attention, evaluate (inference) -------------------------------------
 
+
+class PrecisionChoice(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+def _load_model(model_file: Optional[Path], device: str):
+    """The model file given, else the bundled one (a clear error until it exists), on `device`."""
+    import torch
+
+    from mvit.core import checkpoint
+    from mvit.core.train import resolve_device
+
+    try:
+        chosen = resolve_device(device)
+    except RuntimeError:
+        raise MvitError(f"unknown device {device!r}; use {DEVICE_HELP}") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise MvitError(f"device {device!r} asked for, but PyTorch sees no CUDA GPU here; use --device cpu")
+    return checkpoint.load(model_file if model_file is not None else checkpoint.bundled_model_path(), device=chosen)
+
+
+DEVICE_HELP = "auto (a CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N"
+
+
+def _say(message: str) -> None:
+    """One plain line on stderr: file names may hold [brackets] that rich would read as markup."""
+    stderr.print(message, markup=False, highlight=False, soft_wrap=True)
+
+
+def _format_of(output: OutputFormat, output_file: Optional[Path]) -> OutputFormat:
+    """--output FILE with no --format: the format its suffix names (a table is for the terminal)."""
+    if output_file is None or output is not OutputFormat.table:
+        return output
+    by_suffix = {".json": OutputFormat.json, ".csv": OutputFormat.csv}
+    if output_file.suffix.lower() not in by_suffix:
+        raise MvitError(f"cannot tell the format of {output_file} from its suffix; add --format json or --format csv")
+    return by_suffix[output_file.suffix.lower()]
+
+
+@app.command("predict")
+def predict_command(
+    paths: list[str] = typer.Argument(..., help="image files, folders (searched recursively) and globs such as 'lesions/*.jpg'"),
+    heads: list[str] = typer.Option(["all"], "--head", "-H", help="head to predict with; repeat for several; `all` for every head of the model"),
+    model_file: Optional[Path] = typer.Option(None, "--model", "-m", help="model file (default: the model bundled with mvit)"),
+    output: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="table for people; json or csv (one record per image and head) for programs"),
+    output_file: Optional[Path] = typer.Option(None, "--output", "-o", help="write the json or csv here instead of to stdout"),
+    tta: bool = typer.Option(False, "--tta", help="average over the four flips of each image (4x the work)"),
+    precision: PrecisionChoice = typer.Option(PrecisionChoice.auto, "--precision", help="auto: bfloat16 where the hardware runs it fast (CUDA, CPUs with AMX), else fp32"),
+    threshold: Optional[float] = typer.Option(None, "--threshold", min=0.0, max=1.0, help="decision threshold for binary heads instead of the stored one"),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="images per backbone pass"),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="decoding processes (default: by file count and CPUs)"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+) -> None:
+    """Predict images with one or more heads. Files that cannot be read are reported, the rest predicted; exit 1 when any failed."""
+    from mvit.core.images import find_image_files
+    from mvit.core.predict import default_workers, predict_stream
+    from mvit.core.progress import progress_bar
+
+    output = _format_of(output, output_file)
+    files = find_image_files(paths)
+    if not files:
+        raise MvitError(f"no image files in {', '.join(paths)}; pass image files, folders holding .jpg/.png/.bmp/.tif files, or globs")
+    model = _load_model(model_file, device)
+    names = model.select_heads(heads)
+    stream = predict_stream(
+        model, files, names, threshold=threshold, tta=tta, precision=precision.value, batch_size=batch_size,
+        workers=default_workers(len(files), batch_size, next(model.parameters()).device) if workers is None else workers,
+    )
+    failed = 0
+    with (open(output_file, "w", newline="") if output_file else contextlib.nullcontext(sys.stdout)) as sink:
+        writer = _PredictionWriter(output, sink, {name: model.heads[name].classes for name in names})
+        with progress_bar(stderr, disable=not stderr.is_terminal) as progress:
+            task = progress.add_task("predicting", total=len(files))
+            for result in stream:
+                if result.error is not None:
+                    failed += 1
+                    _say(f"error: {result.error}")
+                else:
+                    writer.add(result.predictions)
+                progress.advance(task)
+        writer.close()
+    if failed:
+        _say(f"{failed} of {len(files)} images could not be read (see above); the other {len(files) - failed} were predicted")
+        raise typer.Exit(1)
+
+
+class _PredictionWriter:
+    """Writes predictions as they come: json and csv stream record by record; the table waits for all."""
+
+    def __init__(self, output: OutputFormat, sink, classes: dict[str, tuple[str, ...]]):
+        import csv
+
+        self.output, self.sink = output, sink
+        self.rows: list[list[str]] = []
+        self.first = True
+        # one probability column per class name, shared by heads that have the class
+        self.classes = list(dict.fromkeys(name for names in classes.values() for name in names))
+        if output is OutputFormat.csv:
+            self.csv = csv.writer(sink, lineterminator="\n")
+            self.csv.writerow(["image", "head", "label", "probability", "threshold", *(f"p_{name}" for name in self.classes)])
+        elif output is OutputFormat.json:
+            sink.write("[")
+
+    def add(self, predictions) -> None:
+        import json
+
+        if self.output is OutputFormat.table:
+            # a row per head, the image named once: stays readable however many heads are asked for
+            self.rows += [
+                [str(p.image) if k == 0 else "", p.head, p.label, f"{p.probability:.3f}", "" if p.threshold is None else f"{p.threshold:.3g}"]
+                for k, p in enumerate(predictions)
+            ]
+        for p in predictions:
+            if self.output is OutputFormat.csv:
+                threshold = "" if p.threshold is None else f"{p.threshold:.6g}"
+                self.csv.writerow([p.image, p.head, p.label, f"{p.probability:.6f}", threshold,
+                                   *(f"{p.probabilities[c]:.6f}" if c in p.probabilities else "" for c in self.classes)])
+            elif self.output is OutputFormat.json:
+                self.sink.write(("\n" if self.first else ",\n") + "  " + json.dumps(p.as_dict()))
+                self.first = False
+
+    def close(self) -> None:
+        if self.output is OutputFormat.json:
+            self.sink.write("\n]\n")
+        elif self.output is OutputFormat.table and self.rows:
+            _print_table("Predictions", ["image", "head", "label", "probability", "threshold"], self.rows)
+
+
+def _unique_stems(files: list[Path]) -> list[str]:
+    """A file-name stem per input for the PNGs, made unique when two inputs share a name."""
+    seen: dict[str, int] = {}
+    stems = []
+    for path in files:
+        count = seen[path.stem] = seen.get(path.stem, 0) + 1
+        stems.append(path.stem if count == 1 else f"{path.stem}-{count}")
+    return stems
+
+
+@app.command("attention")
+def attention_command(
+    images: list[str] = typer.Argument(..., help="image files, folders and globs"),
+    out: Path = typer.Option(..., "--out", "-o", help="folder for the PNGs (created)"),
+    head: Optional[str] = typer.Option(None, "--head", "-H", help="head whose class-specific (gradient-weighted) map to draw"),
+    target: Optional[str] = typer.Option(None, "--class", help="class of --head to explain (default: the head's prediction)"),
+    model_file: Optional[Path] = typer.Option(None, "--model", "-m", help="model file (default: the model bundled with mvit)"),
+    max_size: int = typer.Option(1024, "--max-size", min=32, help="longest side of the drawn images, in pixels"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+) -> None:
+    """Draw where the model looked: last-layer attention, rollout, the class-specific map, and grids per attention head and per layer. Exit 1 when any image failed."""
+    from mvit.core import figures
+    from mvit.core.attention import DEFAULT_BATCH_SIZE, attention_maps
+    from mvit.core.images import find_image_files, load_image
+    from mvit.errors import ImageError
+
+    files = find_image_files(images)
+    if not files:
+        raise MvitError(f"no image files in {', '.join(images)}; pass image files, folders holding .jpg/.png/.bmp/.tif files, or globs")
+    model = _load_model(model_file, device)
+    out.mkdir(parents=True, exist_ok=True)
+    stems = _unique_stems(files)
+    failed = 0
+    for start in range(0, len(files), DEFAULT_BATCH_SIZE):
+        decoded = []  # (position, image): a bad file is reported and left out of the batch
+        for index in range(start, min(start + DEFAULT_BATCH_SIZE, len(files))):
+            try:
+                decoded.append((index, load_image(files[index])))
+            except ImageError as error:
+                failed += 1
+                _say(f"error: {error}")
+        if not decoded:
+            continue
+        maps = attention_maps(model, [image for _, image in decoded], head, target=target, max_size=max_size)
+        for (index, _), found in zip(decoded, maps):
+            for path in figures.attention_figures(found, out, stems[index], title=str(files[index])):
+                stdout.print(str(path), markup=False, highlight=False, soft_wrap=True)
+    if failed:
+        _say(f"{failed} of {len(files)} images could not be read (see above); maps for the others are in {out}")
+        raise typer.Exit(1)
+
+
+@app.command("evaluate")
+def evaluate_command(
+    head: str = typer.Option(..., "--head", "-H", help="head to evaluate; its dataset comes from the installed plugins"),
+    root: Path = typer.Option(..., "--root", help="the dataset's folder"),
+    out: Path = typer.Option(..., "--out", "-o", help="folder for metrics.json, predictions.csv and the figures (created)"),
+    model_file: Optional[Path] = typer.Option(None, "--model", "-m", help="model file (default: the model bundled with mvit)"),
+    split: str = typer.Option("test", "--split", help="split to evaluate on"),
+    fold: Optional[int] = typer.Option(None, "--fold", help="cross-validation fold the model held out (default: as recorded in the model file)"),
+    precision: PrecisionChoice = typer.Option(PrecisionChoice.auto, "--precision", help="auto, fp32 or bf16"),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+) -> None:
+    """Evaluate one head on a split of its dataset, with the split settings the model was trained with; write the report."""
+    from mvit.core import checkpoint
+    from mvit.core.evaluate import evaluate_head, split_settings
+    from mvit.registry import manager
+
+    path = model_file if model_file is not None else checkpoint.bundled_model_path()
+    provenance = checkpoint.read_metadata(path).provenance
+    model = _load_model(path, device)
+    model.select_heads(head)
+    dataset = manager.get_head(head).dataset
+    settings = split_settings(provenance, dataset)
+    if fold is not None:
+        trained = settings["fold"]
+        recorded = dataset in (provenance.get("splits") or {})
+        if recorded and trained != fold and not manager.get_dataset(dataset).official_splits:
+            held = "no fold (it was trained without cross-validation)" if trained is None else f"fold {trained}"
+            raise MvitError(f"{path} held out {held} of {dataset}, so fold {fold} holds training images; leave out --fold")
+        settings["fold"] = fold
+    metrics = evaluate_head(model, head, root, out, split=split, precision=precision.value, batch_size=batch_size, **settings)
+    for message in metrics["unreadable"]:
+        _say(f"warning: left out: {message}")
+    shown = ["n", "accuracy", "balanced_accuracy", "roc_auc", "sensitivity", "specificity", "threshold",
+             "ece_before_temperature", "ece_after_temperature", "brier"]
+    rows = [[key, "n/a" if metrics[key] is None else f"{metrics[key]:.4g}"] for key in shown if key in metrics]
+    _print_table(f"{head} on the {split} split of {dataset} ({metrics['n']} images)", ["metric", "value"], rows)
+    stdout.print(f"report written to {out}", markup=False, highlight=False, soft_wrap=True)
+
 # ---- commands: train, extract (training) ----------------------------------------------------
+
+
+@app.command("train")
+def train_command(
+    config: Path = typer.Argument(None, help="Training config (TOML); see configs/ for examples."),
+    resume: Path = typer.Option(None, "--resume", help="Continue the run in this folder where it stopped."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config field: --set training.epochs=5 (repeatable)."),
+    epochs: int = typer.Option(None, help="Shortcut for --set training.epochs=N."),
+    output: Path = typer.Option(None, help="Shortcut for --set output=DIR."),
+    device: str = typer.Option(None, help="Shortcut for --set training.device=NAME (auto, cpu, cuda, mps)."),
+) -> None:
+    """Train heads (and fine-tune the backbone) on one or more datasets."""
+    from mvit.core import train
+    from mvit.core.config import load_config
+
+    if resume is not None:
+        if config is not None:
+            raise MvitError("give either a config or --resume RUN, not both")
+        train.resume(resume, console=stderr)
+        return
+    if config is None:
+        raise MvitError("give a training config (TOML), or --resume RUN to continue a run")
+    overrides = list(set_)
+    if epochs is not None:
+        overrides.append(f"training.epochs={epochs}")
+    if output is not None:
+        overrides.append(f'output="{output.absolute()}"')  # relative to where the user is, not the config
+    if device is not None:
+        overrides.append(f'training.device="{device}"')
+    train.train(load_config(config, overrides), console=stderr)
+
+
+@app.command("extract")
+def extract_command(
+    config: Path = typer.Argument(..., help="Training config (TOML) whose datasets, backbone and preprocessing to use."),
+    cache: Path = typer.Option(None, help="HDF5 feature cache (default: the config's training.feature_cache, else OUTPUT/features.h5)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config field (repeatable)."),
+) -> None:
+    """Fill the HDF5 feature cache with the backbone features of every image of the config's datasets."""
+    from mvit.core.config import load_config
+    from mvit.core.train import extract
+
+    overrides = list(set_) + ([f'training.feature_cache="{cache.absolute()}"'] if cache is not None else [])
+    extract(load_config(config, overrides), console=stderr)

@@ -1,0 +1,180 @@
+"""The training config: a TOML file validated by pydantic, with dotted command-line overrides.
+
+Every field has a default that follows the seed project's recipe, so a config names only its
+datasets and what it changes. An invalid config is one sentence naming the field.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from mvit.core.transforms import Augmentation, Preprocessing
+from mvit.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DatasetConfig(_Strict):
+    name: str
+    root: Path
+    heads: list[str] = Field(default_factory=list)  # empty: every head the dataset's plugin offers
+    split_seed: int = 0
+    fold: Optional[int] = None  # k-fold cross-validation: which fold is the test split
+    folds: int = Field(default=5, ge=2)
+    fractions: Optional[dict[str, float]] = None  # train/valid/test fractions where there is no official split
+
+
+class BackboneConfig(_Strict):
+    name: str = "deit_small_patch16_224"
+    # "random", "timm" (pretrained DeiT through timm), or a path: a timm/DeiT checkpoint or an mvit model
+    init: str = "timm"
+    image_size: Optional[int] = None  # default: the named configuration's
+    patch_size: Optional[int] = None
+    width: Optional[int] = None
+    depth: Optional[int] = None
+    num_heads: Optional[int] = None
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    drop_path: float = 0.1
+
+    def overrides(self) -> dict:
+        names = ("image_size", "patch_size", "width", "depth", "num_heads")
+        values = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+        return {**values, "dropout": self.dropout, "attention_dropout": self.attention_dropout, "drop_path": self.drop_path}
+
+
+class OptimizerConfig(_Strict):
+    head_lr: float = Field(default=1e-3, gt=0)
+    backbone_lr: float = Field(default=1e-4, gt=0)
+    # each block further from the output gets this factor more of backbone_lr (1.0: no decay)
+    layer_decay: float = Field(default=0.75, gt=0, le=1)
+    weight_decay: float = Field(default=0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: Optional[float] = Field(default=1.0, gt=0)
+    warmup_epochs: float = Field(default=1.0, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_fraction: float = Field(default=0.01, ge=0, le=1)
+
+
+class UnfreezeConfig(_Strict):
+    """The seed's recipe: train heads on a frozen backbone, then unfreeze one group at a time."""
+
+    # gradual: frozen, then groups unfrozen from the output side; all: train everything from the
+    # start (right for a random backbone); none: the backbone stays frozen (linear probing)
+    mode: Literal["gradual", "all", "none"] = "gradual"
+    frozen_epochs: int = Field(default=2, ge=0)
+    every: int = Field(default=1, ge=1)  # epochs between unfreezing steps
+    groups_per_step: int = Field(default=1, ge=1)
+    # default order: final_norm, block.<last>, ..., block.0, position, patch_embed
+    order: Optional[list[str]] = None
+
+
+class TrainingConfig(_Strict):
+    epochs: int = Field(default=30, ge=1)
+    batch_size: int = Field(default=32, ge=2)
+    balanced: bool = True  # class-balanced batches for every dataset
+    # batches per epoch from each dataset: in proportion to its size, to its square root, or equal
+    dataset_weighting: Literal["size", "sqrt", "equal"] = "sqrt"
+    label_smoothing: float = Field(default=0.1, ge=0, lt=1)
+    best_metric: Literal["balanced_accuracy", "roc_auc", "accuracy", "loss"] = "balanced_accuracy"
+    early_stopping: Optional[int] = Field(default=10, ge=1)  # epochs without improvement; None: never stop
+    seed: int = 0
+    device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    workers: Union[int, Literal["auto"]] = "auto"
+    # frozen backbone and no augmentation: read backbone features from this HDF5 cache
+    feature_cache: Optional[Path] = None
+
+
+class CalibrationConfig(_Strict):
+    target_sensitivity: float = Field(default=0.9, gt=0, le=1)  # binary heads' operating point, on valid
+    temperature: bool = True
+
+
+class TrainConfig(_Strict):
+    output: Path
+    datasets: list[DatasetConfig] = Field(min_length=1)
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    preprocessing: Preprocessing = Field(default_factory=Preprocessing)
+    augmentation: Augmentation = Field(default_factory=Augmentation)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    unfreeze: UnfreezeConfig = Field(default_factory=UnfreezeConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainConfig":
+        names = [d.name for d in self.datasets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"a dataset is listed twice: {names}")
+        if self.backbone.image_size is not None and self.backbone.image_size != self.preprocessing.image_size:
+            raise ValueError(
+                f"backbone.image_size {self.backbone.image_size} differs from preprocessing.image_size "
+                f"{self.preprocessing.image_size}; set one image size for both"
+            )
+        return self
+
+
+def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None) -> TrainConfig:
+    """Read a TOML config; relative dataset roots and output resolve against the config's folder.
+
+    `overrides` are `dotted.key=value` strings (values parsed as TOML, else taken as text), e.g.
+    `training.epochs=5` or `output="runs/try"`.
+    """
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"no config file at {path}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path} is not valid TOML: {error}") from None
+    for item in overrides or []:
+        _apply_override(raw, item)
+    # paths in a config are relative to the config file, so a config works from any folder
+    base = path.resolve().parent
+
+    def anchored(value) -> str:
+        return os.path.normpath(base / Path(str(value)).expanduser())
+
+    for dataset in raw.get("datasets", []):
+        if isinstance(dataset, dict) and "root" in dataset:
+            dataset["root"] = anchored(dataset["root"])
+    if "output" in raw:
+        raw["output"] = anchored(raw["output"])
+    training = raw.get("training")
+    if isinstance(training, dict) and training.get("feature_cache"):
+        training["feature_cache"] = anchored(training["feature_cache"])
+    return validate_config(raw, source=str(path))
+
+
+def validate_config(raw: dict, source: str = "the config") -> TrainConfig:
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "(top level)"
+        raise ConfigError(f"{source}: {where}: {first['msg']}") from None
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    key, text = item.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    *parents, leaf = key.strip().split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {part} is not a section")
+    node[leaf] = value

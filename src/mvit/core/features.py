@@ -1,0 +1,208 @@
+"""An HDF5 cache of pooled backbone features, so heads on a frozen backbone train in seconds.
+
+Layout: one group per fingerprint (a hash of the backbone's weights and of the preprocessing), so a
+changed backbone or preprocessing never reads a stale feature. In each group, `keys` (N,) holds the
+sha256 of each image file's bytes and `features` (N, D) its pooled feature; the attribute `rows`
+counts the rows fully written. Rows are committed in chunks: an interrupted extraction keeps every
+committed chunk and resumes with the images still missing. Writers take an exclusive lock on a side
+file, and re-check what is present under it, so two processes filling one cache neither corrupt it
+nor duplicate rows. A file HDF5 cannot read is moved aside and rebuilt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from mvit.core.images import load_image
+from mvit.core.precision import autocast
+from mvit.core.transforms import Preprocessing, eval_transform
+from mvit.core.vit import VisionTransformer
+from mvit.registry.leakage import content_hash
+
+CACHE_FORMAT = 1
+CHUNK = 256  # images per committed chunk
+
+
+def fingerprint(backbone: VisionTransformer, preprocessing: Preprocessing) -> str:
+    """sha256 over the backbone's config and every weight, and the preprocessing."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"format": CACHE_FORMAT, "backbone": backbone.config.model_dump(),
+                              "preprocessing": preprocessing.model_dump()}, sort_keys=True).encode())
+    for name, tensor in sorted(backbone.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+class _Images(Dataset):
+    def __init__(self, paths: Sequence[Path], transform: Callable):
+        self.paths, self.transform = list(paths), transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        return self.transform(load_image(self.paths[index]))
+
+
+class FeatureCache:
+    def __init__(self, path: Path, warn: Callable[[str], None] = print):
+        self.path = Path(path)
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
+        self.warn = warn
+
+    # ---- reading ------------------------------------------------------------------------------
+
+    def lookup(self, key: str, image_keys: Sequence[str]) -> dict[str, np.ndarray]:
+        """The cached features (D,) of whichever of `image_keys` are present under fingerprint `key`."""
+        if not self.path.exists():
+            return {}
+        with self._locked(shared=True), self._open("r") as file:
+            if file is None or key not in file:
+                return {}
+            group = file[key]
+            rows = int(group.attrs["rows"])
+            stored = group["keys"][:rows].astype(str)
+            wanted = set(image_keys)
+            found = [i for i, k in enumerate(stored) if k in wanted]
+            features = group["features"][sorted(found)] if found else np.empty((0, group["features"].shape[1]))
+            return {stored[i]: features[n] for n, i in enumerate(sorted(found))}
+
+    # ---- writing ------------------------------------------------------------------------------
+
+    def _commit(self, key: str, image_keys: list[str], features: np.ndarray, meta: dict) -> None:
+        with self._locked(shared=False), self._open("a") as file:
+            group = file.get(key)
+            if group is None:
+                D = features.shape[1]
+                group = file.create_group(key)
+                group.create_dataset("keys", shape=(0,), maxshape=(None,), dtype="S64", chunks=(1024,))
+                group.create_dataset("features", shape=(0, D), maxshape=(None, D), dtype="float32", chunks=(CHUNK, D))
+                group.attrs["rows"] = 0
+                group.attrs["meta"] = json.dumps(meta)
+            rows = int(group.attrs["rows"])
+            present = set(group["keys"][:rows].astype(str))  # another process may have written them meanwhile
+            new = [i for i, k in enumerate(image_keys) if k not in present]
+            if not new:
+                return
+            for name in ("keys", "features"):
+                group[name].resize(rows + len(new), axis=0)
+            group["keys"][rows:] = np.array([image_keys[i] for i in new], dtype="S64")
+            group["features"][rows:] = features[new]
+            group.attrs["rows"] = rows + len(new)  # written last: rows beyond it are never read
+            file.flush()
+
+    def extract(
+        self,
+        backbone: VisionTransformer,
+        preprocessing: Preprocessing,
+        paths: Sequence[Path],
+        *,
+        device: torch.device,
+        dtype: Optional[torch.dtype] = None,
+        batch_size: int = 64,
+        workers: int = 0,
+        shard: tuple[int, int] = (0, 1),
+        progress: Optional[Callable[[int], None]] = None,
+    ) -> int:
+        """Compute and commit the features of `paths` not cached yet; returns how many this process computed.
+
+        `shard=(rank, world)`: this process takes every world-th image, so several
+        processes (torchrun ranks) extract one cache together.
+        """
+        key = fingerprint(backbone, preprocessing)
+        image_keys = [content_hash(Path(p)) for p in paths]
+        cached = self.lookup(key, image_keys)
+        rank, world = shard
+        # each image belongs to one rank by its position, whatever the others have committed so far
+        first = {k: i for i, k in reversed(list(enumerate(image_keys)))}
+        mine = [i for i, k in enumerate(image_keys) if first[k] == i and k not in cached and i % world == rank]
+        if progress:
+            progress(len(paths) - len(mine))
+        meta = {"backbone": backbone.config.model_dump(), "preprocessing": preprocessing.model_dump()}
+        was_training = backbone.training
+        backbone.eval()
+        try:
+            for start in range(0, len(mine), CHUNK):
+                chunk = mine[start : start + CHUNK]
+                features = self._compute(backbone, preprocessing, [paths[i] for i in chunk], device, dtype, batch_size, workers, progress)
+                self._commit(key, [image_keys[i] for i in chunk], features, meta)
+        finally:
+            backbone.train(was_training)
+        return len(mine)
+
+    def load(self, backbone: VisionTransformer, preprocessing: Preprocessing, paths: Sequence[Path], **options) -> torch.Tensor:
+        """Pooled features (N, D) of `paths`, extracting whatever the cache lacks."""
+        self.extract(backbone, preprocessing, paths, **options)
+        image_keys = [content_hash(Path(p)) for p in paths]
+        cached = self.lookup(fingerprint(backbone, preprocessing), image_keys)
+        if not paths:
+            return torch.empty(0, backbone.width)
+        return torch.from_numpy(np.stack([cached[k] for k in image_keys]))
+
+    @staticmethod
+    def _compute(backbone, preprocessing, paths, device, dtype, batch_size, workers, progress) -> np.ndarray:
+        loader = DataLoader(_Images(paths, eval_transform(preprocessing)), batch_size=batch_size, num_workers=workers)
+        out = []
+        with torch.inference_mode(), autocast(device, dtype):
+            for images in loader:  # (B, 3, S, S) -> (B, D)
+                out.append(backbone(images.to(device)).float().cpu().numpy())
+                if progress:
+                    progress(len(images))
+        return np.concatenate(out)
+
+    # ---- file handling --------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _locked(self, shared: bool) -> Iterator[None]:
+        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def _open(self, mode: str) -> Iterator[Optional[h5py.File]]:
+        """The HDF5 file; a damaged one is moved aside first (then "r" yields None, "a" a new file)."""
+        if mode == "r" and not self.path.exists():
+            yield None
+            return
+        file = None
+        try:
+            file = h5py.File(self.path, mode)
+            self._validate(file)
+        except (OSError, KeyError, ValueError) as error:
+            if file is not None:
+                file.close()
+            damaged = self.path.with_name(f"{self.path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+            if self.path.exists():
+                self.path.rename(damaged)
+            self.warn(f"feature cache {self.path} was damaged ({error}); moved it to {damaged.name} and rebuilding it")
+            if mode == "r":
+                yield None
+                return
+            file = h5py.File(self.path, mode)
+        try:
+            yield file
+        finally:
+            file.close()
+
+    @staticmethod
+    def _validate(file: h5py.File) -> None:
+        for key, group in file.items():
+            rows = int(group.attrs["rows"])
+            if group["keys"].shape[0] < rows or group["features"].shape[0] < rows:
+                raise ValueError(f"group {key} claims {rows} rows but holds fewer")

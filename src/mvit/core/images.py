@@ -1,0 +1,118 @@
+"""Decode any image a user may hand over into an 8-bit RGB PIL image, or fail with one sentence.
+
+Dermoscopy exports come as JPEG, PNG, BMP and TIFF, sometimes 16-bit, CMYK or with transparency;
+each is turned into plain RGB the same way at training and prediction time.
+"""
+
+from __future__ import annotations
+
+import glob
+import warnings
+from pathlib import Path
+from typing import Iterable, Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from mvit.errors import ImageError
+
+# Images above this many pixels are refused: a 600 MP "image" is a decompression bomb, not a lesion.
+MAX_PIXELS = 178_956_970  # Pillow's own default limit
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+
+
+def load_image(path: Union[str, Path]) -> Image.Image:
+    """Open, fully decode and convert an image file to RGB."""
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise ImageError(f"{path} is empty (0 bytes)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()  # decode now, so a truncated file fails here and not later
+                return to_rgb(ImageOps.exif_transpose(image))
+    except ImageError:
+        raise
+    except FileNotFoundError:
+        raise ImageError(f"{path} does not exist") from None
+    except IsADirectoryError:
+        raise ImageError(f"{path} is a folder, not an image") from None
+    except PermissionError:
+        raise ImageError(f"{path} cannot be read (permission denied)") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{path} is not an image file mvit can read (JPEG, PNG, BMP, TIFF ...)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(f"{path} is too large to decode safely (over {MAX_PIXELS:,} pixels)") from None
+    except (OSError, SyntaxError, ValueError) as error:  # Pillow's decoders report damage in these types
+        raise ImageError(f"{path} is truncated or damaged ({str(error) or type(error).__name__})") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB. Transparent pixels become black, as dermoscope vignettes are."""
+    if image.mode == "RGB":
+        return image.copy()
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit and float greyscale: scale the real range to 0..255 instead of clipping it
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
+        values = np.clip(values / top * 255.0, 0, 255).astype(np.uint8)
+        return Image.fromarray(values, "L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
+
+
+def as_rgb_image(value) -> Image.Image:
+    """A path, PIL image, (H, W[, C]) numpy array or (C, H, W) tensor in [0, 1] or 0..255 -> RGB image."""
+    if isinstance(value, (str, Path)):
+        return load_image(value)
+    if isinstance(value, Image.Image):
+        return to_rgb(value)
+    if isinstance(value, np.ndarray):
+        return _array_to_rgb(value)
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        torch = None
+    if torch is not None and isinstance(value, torch.Tensor):
+        if value.ndim != 3 or value.shape[0] not in (1, 3, 4):
+            raise ImageError(f"an image tensor must be (C, H, W) with 1, 3 or 4 channels, got {tuple(value.shape)}")
+        return _array_to_rgb(value.detach().cpu().permute(1, 2, 0).numpy())
+    raise ImageError(f"cannot read an image from a {type(value).__name__}; pass a path, PIL image, array or tensor")
+
+
+def _array_to_rgb(array: np.ndarray) -> Image.Image:
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+        raise ImageError(f"an image array must be (H, W), (H, W, 3) or (H, W, 4), got {array.shape}")
+    if array.dtype.kind == "f":
+        array = np.clip(array * 255.0 if array.max() <= 1.0 else array, 0, 255).astype(np.uint8)
+    elif array.dtype == np.uint16:
+        array = (array / 257).astype(np.uint8)
+    elif array.dtype != np.uint8:
+        array = np.clip(array, 0, 255).astype(np.uint8)
+    return to_rgb(Image.fromarray(array))
+
+
+def find_image_files(arguments: Iterable[Union[str, Path]]) -> list[Path]:
+    """The files named on a command line, in order, each once: a file as given, a folder's image
+    files (recursively, sorted), a glob's matching image files. A path that does not exist is kept,
+    so that reading it reports it, next to the files that do exist."""
+    from mvit.registry.records import image_files, is_image
+
+    found: list[Path] = []
+    for argument in arguments:
+        path = Path(argument).expanduser()
+        if path.is_dir():
+            found += image_files(path)
+        elif not path.exists() and any(char in str(argument) for char in "*?["):
+            for match in sorted(glob.glob(str(path), recursive=True)):
+                match = Path(match)
+                found += image_files(match) if match.is_dir() else [match] * is_image(match)
+        else:
+            found.append(path)
+    return list(dict.fromkeys(found))

@@ -1,0 +1,692 @@
+"""The trainer: one backbone, each dataset's batches through its own heads, gradual unfreezing.
+
+The seed project's recipe, as a command: heads first on a frozen backbone, then one parameter group
+unfrozen at a time from the output side back to the embeddings; class-balanced batches; several
+datasets interleaved so no head is starved. Each epoch writes metrics, the last model and (when it
+improved) the best model; a training state makes `--resume` continue exactly where it stopped.
+Under torchrun the work is shared with DistributedDataParallel and rank 0 alone writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from mvit.core import checkpoint
+from mvit.core.config import TrainConfig, validate_config
+from mvit.core.data import LabelledImages
+from mvit.core.evaluate import choose_threshold, classification_metrics, fit_temperature
+from mvit.core.features import FeatureCache
+from mvit.core.model import HeadInfo, Model
+from mvit.core.precision import autocast, autocast_dtype
+from mvit.core.sampling import balanced_batches, batches_per_dataset, interleave, shuffled_batches
+from mvit.core.transforms import eval_transform, train_transform
+from mvit.core.vit import VisionTransformer
+from mvit.core.weights import create_backbone
+from mvit.errors import ConfigError, MvitError
+from mvit.registry import leakage, manager, splits
+from mvit.registry.specs import Sample
+
+IGNORE = -100  # target of a sample that a head leaves out
+TRAIN, VALID = "train", "valid"
+STATE_FILE = "state.pt"
+
+
+class TrainingDiverged(MvitError):
+    pass
+
+
+# ---- what is trained on -------------------------------------------------------------------------
+
+
+@dataclass
+class Task:
+    """One dataset of the run: its splits and, for each of its heads, every sample's class."""
+
+    dataset: str
+    heads: list[str]
+    splits: dict[str, list[Sample]]
+    targets: dict[str, Tensor]  # split -> (N, len(heads)) class indices, IGNORE where a head leaves a sample out
+
+    def images(self, split: str, transform: Callable) -> LabelledImages:
+        return LabelledImages(list(zip(self.splits[split], self.targets[split])), transform)
+
+
+def build_tasks(config: TrainConfig, say: Callable[[str], None]) -> list[Task]:
+    """Load and split every dataset, and keep images shared between datasets out of training."""
+    per_dataset, heads = {}, {}
+    for entry in config.datasets:
+        spec = manager.get_dataset(entry.name)
+        fold = None if spec.official_splits else entry.fold
+        per_dataset[entry.name] = splits.split_dataset(
+            entry.name, entry.root, seed=entry.split_seed, fold=fold, folds=entry.folds, fractions=entry.fractions
+        )
+        offered = [head.name for head in manager.registry().heads_of(entry.name)]
+        for name in entry.heads:
+            if manager.get_head(name).dataset != entry.name:
+                raise ConfigError(f"head {name!r} belongs to dataset {manager.get_head(name).dataset!r}, not {entry.name!r}")
+        heads[entry.name] = entry.heads or offered
+    cleaned, report = leakage.exclude_shared(per_dataset, training=TRAIN)
+    if report.excluded:
+        say(f"kept {len(report.excluded)} training images out: the same image is in an evaluation split")
+    tasks = []
+    for entry in config.datasets:
+        specs = [manager.get_head(name) for name in heads[entry.name]]
+        targets, kept = {}, {}
+        for split, samples in cleaned[entry.name].items():
+            rows = [[_class_index(spec, sample) for spec in specs] for sample in samples]
+            used = [i for i, row in enumerate(rows) if any(t != IGNORE for t in row)]
+            kept[split] = [samples[i] for i in used]
+            targets[split] = torch.tensor([rows[i] for i in used], dtype=torch.long).reshape(len(used), len(specs))
+        for split in (TRAIN, VALID):
+            if not kept.get(split):
+                raise ConfigError(f"dataset {entry.name} has no images in its {split} split; check its root and split settings")
+        tasks.append(Task(entry.name, heads[entry.name], kept, targets))
+    return tasks
+
+
+def _class_index(spec, sample: Sample) -> int:
+    cls = spec.class_of(sample.label)
+    return spec.classes.index(cls) if cls is not None else IGNORE
+
+
+# ---- the model --------------------------------------------------------------------------------
+
+
+def build_model(config: TrainConfig, tasks: list[Task], warn: Callable[[str], None]) -> Model:
+    """Backbone from random, timm's DeiT, a DeiT checkpoint or an earlier mvit model; one head per name."""
+    torch.manual_seed(config.training.seed)  # the same initial heads (and random backbone) on every rank and run
+    init, b = config.backbone.init, config.backbone
+    overrides = {**b.overrides(), "image_size": config.preprocessing.image_size}
+    previous: Optional[Model] = None
+    if init == "random":
+        warn("the backbone starts from RANDOM weights: expect far lower accuracy than from pretrained DeiT weights")
+        backbone = create_backbone(b.name, None, **overrides)
+    elif init != "timm" and _is_mvit_model(Path(init)):
+        previous = checkpoint.load(init)
+        backbone = previous.backbone
+        if backbone.config.image_size != config.preprocessing.image_size:
+            raise ConfigError(f"{init} was trained at {backbone.config.image_size} px; set preprocessing.image_size to it")
+    else:
+        backbone = create_backbone(b.name, init, **overrides)
+    model = Model(backbone, config.preprocessing)
+    for task in tasks:
+        for name in task.heads:
+            spec = manager.get_head(name)
+            reused = previous.heads.get(name) if previous else None
+            if reused is not None and reused.classes == spec.classes:
+                model.add_head(reused)
+                model.classifiers[name].load_state_dict(previous.classifiers[name].state_dict())
+            else:
+                model.add_head(HeadInfo.from_spec(spec))
+    return model
+
+
+def _is_mvit_model(path: Path) -> bool:
+    if path.suffix != ".safetensors" or not path.is_file():
+        return False
+    try:
+        checkpoint.read_metadata(path)
+        return True
+    except MvitError:
+        return False
+
+
+def unfreeze_order(model: Model, config: TrainConfig) -> list[str]:
+    groups = list(model.backbone.parameter_groups())
+    default = ["final_norm"] + [g for g in reversed(groups) if g.startswith("block.")] + ["position", "patch_embed"]
+    order = config.unfreeze.order or default
+    unknown = [g for g in order if g not in groups]
+    if unknown:
+        raise ConfigError(f"unfreeze.order names unknown groups {unknown}; the groups are {', '.join(groups)}")
+    return order
+
+
+def unfrozen_groups(epoch: int, order: list[str], config: TrainConfig) -> list[str]:
+    """Backbone groups trained in `epoch` (0-based)."""
+    u = config.unfreeze
+    if u.mode == "all":
+        return list(order)
+    if u.mode == "none" or epoch < u.frozen_epochs:
+        return []
+    steps = 1 + (epoch - u.frozen_epochs) // u.every
+    return order[: min(len(order), steps * u.groups_per_step)]
+
+
+def apply_unfreezing(model: Model, unfrozen: list[str]) -> None:
+    """Gradients only for unfrozen groups (frozen ones get no gradient and so no optimizer state),
+    and frozen blocks in eval mode, so dropout and drop-path leave frozen features unchanged."""
+    model.train()
+    for name, params in model.backbone.parameter_groups().items():
+        for param in params:
+            param.requires_grad_(name in unfrozen)
+    for index, block in enumerate(model.backbone.blocks):
+        if f"block.{index}" not in unfrozen:
+            block.eval()
+    if "position" not in unfrozen:
+        model.backbone.embedding_dropout.eval()
+
+
+def make_optimizer(model: Model, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW with layer-wise learning rates: heads at head_lr, the last block at backbone_lr, each
+    earlier block layer_decay times less. Norms, biases and tokens get no weight decay."""
+    o, depth = config.optimizer, model.backbone.config.depth
+    distance = {"final_norm": 0, "position": depth, "patch_embed": depth}
+    distance.update({f"block.{i}": depth - 1 - i for i in range(depth)})
+    param_groups = []
+    for name, params in model.parameter_groups().items():
+        lr = o.head_lr if name.startswith("head.") else o.backbone_lr * o.layer_decay ** distance[name]
+        decay = [p for p in params if p.ndim >= 2 and not _is_token(model, p)]
+        no_decay = [p for p in params if p.ndim < 2 or _is_token(model, p)]
+        for subset, weight_decay in ((decay, o.weight_decay), (no_decay, 0.0)):
+            if subset:
+                param_groups.append({"params": subset, "lr": lr, "weight_decay": weight_decay, "group": name})
+    return torch.optim.AdamW(param_groups, betas=o.betas)
+
+
+def _is_token(model: Model, param: nn.Parameter) -> bool:
+    return param is model.backbone.class_token or param is model.backbone.position_embedding
+
+
+def make_schedule(optimizer, config: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    o = config.optimizer
+    total = config.training.epochs * steps_per_epoch
+    warmup = round(o.warmup_epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if o.schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        return o.min_lr_fraction + (1 - o.min_lr_fraction) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ---- several processes --------------------------------------------------------------------------
+
+
+@dataclass
+class Processes:
+    """This process's place under torchrun (rank 0 of 1 without it)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_environment(cls, device_type: str) -> "Processes":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            return cls()
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+        return cls(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def share(self, value):
+        """Rank 0's value, on every rank."""
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+class _Step(nn.Module):
+    """What DistributedDataParallel wraps: images or cached features -> the task's head logits."""
+
+    def __init__(self, model: Model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: Tensor, heads: list[str], from_features: bool) -> dict[str, Tensor]:
+        features = inputs if from_features else self.model.backbone(inputs)  # (B, D)
+        return self.model.head_logits(features, heads)
+
+
+def resolve_device(name: str, processes_local_rank: int = 0) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", processes_local_rank)
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+# ---- the run ------------------------------------------------------------------------------------
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, *, console=None, resume: bool = False):
+        from rich.console import Console
+
+        self.config = config
+        self.console = console or Console(stderr=True)
+        self.out = Path(config.output)
+        device_name = config.training.device
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        device = resolve_device(device_name, local_rank)
+        self.processes = Processes.from_environment(device.type)
+        self.device = device
+        self.dtype = autocast_dtype(config.training.precision, device)
+        self.tasks = build_tasks(config, self.say)
+        self.model = build_model(config, self.tasks, self.warn).to(device)
+        self.order = unfreeze_order(self.model, config)
+        self.optimizer = make_optimizer(self.model, config)
+        self.steps_per_epoch = len(self._plan(0))
+        self.schedule = make_schedule(self.optimizer, config, self.steps_per_epoch)
+        self.cache = FeatureCache(config.training.feature_cache or self.out / "features.h5", warn=self.warn)
+        self.history: list[dict] = []
+        self.start_epoch, self.best_score, self.best_epoch, self.bad_epochs = 0, -math.inf, -1, 0
+        if resume:
+            self._load_state()
+        elif self.processes.main:
+            self._start_run_folder()
+        self.processes.barrier()
+
+    # ---- messages
+
+    def say(self, message: str) -> None:
+        if int(os.environ.get("RANK", "0")) == 0:
+            self.console.print(message, highlight=False)
+
+    def warn(self, message: str) -> None:
+        if int(os.environ.get("RANK", "0")) == 0:
+            self.console.print(f"[bold yellow]warning:[/] {message}", highlight=False)
+
+    # ---- run folder and state
+
+    def _start_run_folder(self) -> None:
+        if (self.out / STATE_FILE).exists():
+            raise ConfigError(f"{self.out} already holds a run; resume it with `mvit train --resume {self.out}` or choose another output")
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.json").write_text(self.config.model_dump_json(indent=2))
+        (self.out / "metrics.jsonl").write_text("")
+
+    def _save_state(self, epoch: int) -> None:
+        state = {
+            "epoch": epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "best_score": self.best_score,
+            "best_epoch": self.best_epoch,
+            "bad_epochs": self.bad_epochs,
+        }
+        partial = self.out / f".{STATE_FILE}.partial"
+        torch.save(state, partial)
+        os.replace(partial, self.out / STATE_FILE)
+
+    def _load_state(self) -> None:
+        path = self.out / STATE_FILE
+        if not path.is_file():
+            raise ConfigError(f"{self.out} holds no training state to resume (no {STATE_FILE})")
+        state = torch.load(path, map_location=self.device, weights_only=True)  # our own file: tensors and numbers
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.start_epoch = state["epoch"] + 1
+        self.best_score, self.best_epoch, self.bad_epochs = state["best_score"], state["best_epoch"], state["bad_epochs"]
+        lines = (self.out / "metrics.jsonl").read_text().splitlines()
+        # an epoch that finished its metrics but not its state is run again
+        self.history = [json.loads(line) for line in lines if line.strip() and json.loads(line)["epoch"] < self.start_epoch]
+        if self.processes.main:
+            (self.out / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in self.history))
+
+    # ---- batches
+
+    def _plan(self, epoch: int) -> list[tuple[int, list[int]]]:
+        """This process's steps of `epoch`: (task index, sample indices), the same after a resume."""
+        t = self.config.training
+        generator = torch.Generator().manual_seed(t.seed * 100_003 + epoch)
+        sizes = [len(task.splits[TRAIN]) for task in self.tasks]
+        counts = batches_per_dataset(sizes, t.batch_size, t.dataset_weighting)
+        batches = [
+            balanced_batches(task.targets[TRAIN][:, 0].tolist(), t.batch_size, count, generator)
+            if t.balanced
+            else shuffled_batches(len(task.splits[TRAIN]), t.batch_size, count, generator)
+            for task, count in zip(self.tasks, counts)
+        ]
+        taken = [0] * len(self.tasks)
+        steps = []
+        for i in interleave(counts):
+            steps.append((i, batches[i][taken[i]]))
+            taken[i] += 1
+        world = self.processes.world
+        steps = steps[: len(steps) // world * world]  # every rank takes the same number of steps
+        return steps[self.processes.rank :: world]
+
+    def _workers(self) -> int:
+        workers = self.config.training.workers
+        if workers != "auto":
+            return workers
+        cpus = os.cpu_count() or 1
+        return 0 if self.device.type == "cpu" and cpus <= 4 else min(8, cpus // self.processes.world)
+
+    def _loader(self, dataset, batch_sampler) -> DataLoader:
+        workers = self._workers()
+        return DataLoader(
+            dataset, batch_sampler=batch_sampler, num_workers=workers,
+            pin_memory=self.device.type == "cuda", persistent_workers=False,
+            prefetch_factor=4 if workers else None,
+        )
+
+    def _cached_features(self, task: Task, split: str, *, all_ranks: bool) -> Tensor:
+        """Backbone features (N, D) of a split from the cache; `all_ranks`: every rank is here, so
+        they share the extraction and wait for each other."""
+        paths = [s.path for s in task.splits[split]]
+        options = dict(device=self.device, dtype=self.dtype, workers=self._workers())
+        if all_ranks and self.processes.world > 1:
+            self.cache.extract(self.model.backbone, self.config.preprocessing, paths,
+                               shard=(self.processes.rank, self.processes.world), **options)
+            self.processes.barrier()
+        return self.cache.load(self.model.backbone, self.config.preprocessing, paths, **options)
+
+    # ---- one epoch
+
+    def _train_epoch(self, epoch: int, unfrozen: list[str], step_module: nn.Module, progress) -> dict:
+        use_cache = not unfrozen and not self.config.augmentation.enabled
+        steps = self._plan(epoch)
+        if use_cache:
+            sources = [self._cached_features(task, TRAIN, all_ranks=True) for task in self.tasks]
+        else:
+            transform = train_transform(self.config.preprocessing, self.config.augmentation)
+            loaders = [
+                iter(self._loader(task.images(TRAIN, transform), [batch for i, batch in steps if i == k]))
+                for k, task in enumerate(self.tasks)
+            ]
+        stats = {name: _HeadStats() for task in self.tasks for name in task.heads}
+        label_smoothing = self.config.training.label_smoothing
+        bar = progress.add_task(f"epoch {epoch + 1} train", total=len(steps))
+        for step, (k, batch) in enumerate(steps):
+            task = self.tasks[k]
+            if use_cache:
+                inputs, targets = sources[k][batch], task.targets[TRAIN][batch]
+            else:
+                inputs, targets, _ = next(loaders[k])
+            inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+            with autocast(self.device, self.dtype):
+                logits = step_module(inputs, task.heads, use_cache)
+            loss = inputs.new_zeros((), dtype=torch.float32)
+            for h, name in enumerate(task.heads):
+                keep = targets[:, h] != IGNORE
+                if keep.any():  # a batch where a head has no labelled sample adds nothing for it
+                    head_loss = F.cross_entropy(logits[name][keep].float(), targets[keep, h], label_smoothing=label_smoothing)
+                    loss = loss + head_loss
+                    stats[name].add(head_loss.item(), logits[name][keep].float(), targets[keep, h])
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"training diverged: the loss became {loss.item()} in epoch {epoch + 1}, step {step + 1}; "
+                    f"the last good model is {self.out / 'last.safetensors'}; lower the learning rates and resume or restart"
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.config.optimizer.grad_clip:
+                nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.config.optimizer.grad_clip)
+            self.optimizer.step()
+            self.schedule.step()
+            progress.advance(bar)
+        progress.remove_task(bar)
+        return {name: s.summary(self.model.heads[name]) for name, s in stats.items()}
+
+    @torch.no_grad()
+    def _validate(self, use_cache: bool, progress) -> tuple[dict, dict]:
+        """Validation loss and metrics per head, and each head's (logits (N, K), targets (N,)).
+
+        `use_cache`: the backbone is frozen, so its features can come from the feature cache.
+        """
+        self.model.eval()
+        results, valid_logits = {}, {}
+        for task in self.tasks:
+            if use_cache:
+                features = self._cached_features(task, VALID, all_ranks=False).to(self.device)
+                logits = self.model.head_logits(features, task.heads)
+            else:
+                logits = self._logits(task, VALID, progress)
+            for h, name in enumerate(task.heads):
+                targets = task.targets[VALID][:, h]
+                keep = targets != IGNORE
+                head_logits = logits[name].float().cpu()[keep]
+                valid_logits[name] = (head_logits, targets[keep])
+                stats = _HeadStats()
+                stats.add(F.cross_entropy(head_logits, targets[keep]).item(), head_logits, targets[keep])
+                results[name] = stats.summary(self.model.heads[name])
+        return results, valid_logits
+
+    def _logits(self, task: Task, split: str, progress) -> dict[str, Tensor]:
+        dataset = task.images(split, eval_transform(self.config.preprocessing))
+        size = self.config.training.batch_size * 2
+        batches = [list(range(i, min(i + size, len(dataset)))) for i in range(0, len(dataset), size)]
+        bar = progress.add_task(f"{task.dataset} {split}", total=len(batches))
+        out: dict[str, list[Tensor]] = {name: [] for name in task.heads}
+        for images, _, _ in self._loader(dataset, batches):
+            with autocast(self.device, self.dtype):
+                logits = self.model(images.to(self.device), task.heads)
+            for name in task.heads:
+                out[name].append(logits[name].float().cpu())
+            progress.advance(bar)
+        progress.remove_task(bar)
+        return {name: torch.cat(parts) for name, parts in out.items()}
+
+    # ---- the whole run
+
+    def run(self) -> Path:
+        """Train; returns the best model file (calibrated on the validation split)."""
+        from mvit.core.progress import progress_bar
+
+        t = self.config.training
+        previous_unfrozen = None
+        step_module: nn.Module = _Step(self.model)
+        with progress_bar(self.console, unit="batches", disable=not self.processes.main) as progress:
+            for epoch in range(self.start_epoch, t.epochs):
+                torch.manual_seed(t.seed * 100_003 + epoch)  # dropout and augmentation: the same after a resume
+                started = time.perf_counter()
+                unfrozen = unfrozen_groups(epoch, self.order, self.config)
+                apply_unfreezing(self.model, unfrozen)
+                if unfrozen != previous_unfrozen:
+                    step_module = self._wrap(unfrozen)
+                    previous_unfrozen = unfrozen
+                train = self._train_epoch(epoch, unfrozen, step_module, progress)
+                stop = None
+                if self.processes.main:
+                    valid, _ = self._validate(not unfrozen, progress)
+                    stop = self._after_epoch(epoch, self._record(epoch, unfrozen, train, valid, time.perf_counter() - started))
+                stop = self.processes.share(stop)
+                if stop:
+                    self.say(f"early stopping: no improvement for {t.early_stopping} epochs")
+                    break
+        self.processes.barrier()
+        best = self.out / "best.safetensors"
+        if self.processes.main:
+            self._calibrate_and_save()
+            self.say(f"best model (epoch {self.best_epoch + 1}): {best}")
+        return best
+
+    def _wrap(self, unfrozen: list[str]) -> nn.Module:
+        step = _Step(self.model)
+        if self.processes.world == 1:
+            return step
+        from torch.nn.parallel import DistributedDataParallel
+
+        # rebuilt at each unfreezing step: DDP only synchronises parameters that required grad when wrapped
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(step, device_ids=device_ids, find_unused_parameters=True)
+
+    def _record(self, epoch: int, unfrozen: list[str], train: dict, valid: dict, seconds: float) -> dict:
+        heads = {name: {"train": train[name], "valid": valid.get(name, {})} for name in train}
+        metric = self.config.training.best_metric
+        scores = [(-v["valid"]["loss"] if metric == "loss" else v["valid"].get(metric, float("nan"))) for v in heads.values()]
+        finite = [s for s in scores if s is not None and math.isfinite(s)]
+        return {
+            "epoch": epoch,
+            "unfrozen": len(unfrozen),
+            "unfrozen_groups": unfrozen,
+            "lr": {g["group"]: g["lr"] for g in self.optimizer.param_groups},
+            "heads": heads,
+            "score": sum(finite) / len(finite) if finite else float("nan"),
+            "seconds": round(seconds, 2),
+        }
+
+    def _after_epoch(self, epoch: int, record: dict) -> bool:
+        """Write metrics, models, curves and state (rank 0); returns whether to stop early."""
+        from mvit.core.curves import plot_training_curves
+
+        self.history.append(record)
+        with open(self.out / "metrics.jsonl", "a") as file:
+            file.write(json.dumps(record) + "\n")
+        self._save_model(self.out / "last.safetensors", epoch, record)
+        improved = record["score"] > self.best_score
+        if improved:
+            self.best_score, self.best_epoch, self.bad_epochs = record["score"], epoch, 0
+            self._save_model(self.out / "best.safetensors", epoch, record)
+        else:
+            self.bad_epochs += 1
+        plot_training_curves(self.history, self.out / "curves.png")
+        self._save_state(epoch)
+        summary = "  ".join(
+            f"{name}: loss {h['train']['loss']:.3f}/{h['valid']['loss']:.3f} "
+            f"bal.acc {h['valid'].get('balanced_accuracy', float('nan')):.3f}"
+            for name, h in record["heads"].items()
+        )
+        self.say(f"epoch {epoch + 1}/{self.config.training.epochs} [{record['unfrozen']} groups unfrozen] "
+                 f"{summary}{'  *best*' if improved else ''}  ({record['seconds']:.0f} s)")
+        patience = self.config.training.early_stopping
+        return patience is not None and self.bad_epochs >= patience
+
+    def _save_model(self, path: Path, epoch: int, record: dict) -> None:
+        for name, head in record["heads"].items():
+            self.model.update_head(name, metrics={f"valid_{k}": v for k, v in head["valid"].items()
+                                                  if isinstance(v, (int, float)) and math.isfinite(v)})
+        checkpoint.save(self.model, path, provenance=self._provenance(epoch))
+
+    def _provenance(self, epoch: int) -> dict:
+        return {
+            "epoch": epoch + 1,
+            "training_config": self.config.model_dump(mode="json"),
+            "splits": {d.name: {"seed": d.split_seed, "fold": d.fold, "folds": d.folds, "fractions": d.fractions}
+                       for d in self.config.datasets},
+        }
+
+    def _calibrate_and_save(self) -> None:
+        """Temperature and (binary heads) the decision threshold of the best model, on validation data."""
+        best_path = self.out / "best.safetensors"
+        if not best_path.is_file():
+            return
+        best = checkpoint.load(best_path, device=self.device)
+        self.model.load_state_dict(best.state_dict())
+        for name, info in best.heads.items():
+            self.model.update_head(name, metrics=dict(info.metrics))
+        _, valid_logits = self._validate(self.config.unfreeze.mode == "none", _NoProgress())
+        c = self.config.calibration
+        for name, (logits, targets) in valid_logits.items():
+            info = self.model.heads[name]
+            temperature = fit_temperature(logits, targets) if c.temperature else 1.0
+            probabilities = torch.softmax(logits / temperature, dim=1).numpy()
+            changes = {"temperature": temperature}
+            if info.is_binary:
+                positive = info.classes.index(info.positive)
+                changes["threshold"] = choose_threshold(probabilities[:, positive], targets.numpy() == positive, c.target_sensitivity)
+                changes["threshold_target"] = f"sensitivity >= {c.target_sensitivity:g} on the validation split"
+            metrics = classification_metrics(probabilities, targets.numpy(), info.classes, info.positive, changes.get("threshold"))
+            changes["metrics"] = {**info.metrics, **{f"valid_calibrated_{k}": v for k, v in metrics.items()
+                                                     if isinstance(v, (int, float)) and math.isfinite(v)}}
+            self.model.update_head(name, **changes)
+        checkpoint.save(self.model, best_path, provenance=self._provenance(self.best_epoch))
+
+
+class _HeadStats:
+    """Running loss and predictions of one head over an epoch."""
+
+    def __init__(self):
+        self.loss_sum, self.count, self.probabilities, self.targets = 0.0, 0, [], []
+
+    def add(self, loss: float, logits: Tensor, targets: Tensor) -> None:
+        n = len(targets)
+        self.loss_sum += loss * n
+        self.count += n
+        self.probabilities.append(torch.softmax(logits.detach().float(), dim=1).cpu())
+        self.targets.append(targets.detach().cpu())
+
+    def summary(self, info: HeadInfo) -> dict:
+        if not self.count:
+            return {"loss": float("nan")}
+        probabilities = torch.cat(self.probabilities).numpy()
+        targets = torch.cat(self.targets).numpy()
+        metrics = classification_metrics(probabilities, targets, info.classes)
+        keep = ("accuracy", "balanced_accuracy", "roc_auc")
+        return {"loss": self.loss_sum / self.count, **{k: metrics[k] for k in keep if k in metrics}}
+
+
+class _NoProgress:
+    def add_task(self, *args, **kwargs):
+        return 0
+
+    def advance(self, *args):
+        pass
+
+    def remove_task(self, *args):
+        pass
+
+
+def train(config: TrainConfig, *, resume: bool = False, console=None) -> Path:
+    return Trainer(config, console=console, resume=resume).run()
+
+
+def resume(run: Path, *, console=None) -> Path:
+    config_path = Path(run) / "config.json"
+    if not config_path.is_file():
+        raise ConfigError(f"{run} is not an mvit run folder (no config.json)")
+    config = validate_config(json.loads(config_path.read_text()), source=str(config_path))
+    return Trainer(config, console=console, resume=True).run()
+
+
+def extract(config: TrainConfig, *, console=None) -> Path:
+    """Fill the feature cache for every split of the config's datasets (sharded under torchrun)."""
+    from rich.console import Console
+
+    from mvit.core.progress import progress_bar
+
+    console = console or Console(stderr=True)
+    device = resolve_device(config.training.device, int(os.environ.get("LOCAL_RANK", "0")))
+    processes = Processes.from_environment(device.type)
+    say = (lambda message: console.print(message, highlight=False)) if processes.main else (lambda message: None)
+    tasks = build_tasks(config, say)
+    model = build_model(config, tasks, say).to(device)
+    cache = FeatureCache(config.training.feature_cache or Path(config.output) / "features.h5", warn=say)
+    paths = list(dict.fromkeys(s.path for task in tasks for samples in task.splits.values() for s in samples))
+    workers = 0 if device.type == "cpu" and (os.cpu_count() or 1) <= 4 else min(8, (os.cpu_count() or 1) // processes.world)
+    with progress_bar(console, disable=not processes.main) as progress:
+        bar = progress.add_task("extracting features", total=len(paths))
+        computed = cache.extract(model.backbone, config.preprocessing, paths, device=device,
+                                 dtype=autocast_dtype(config.training.precision, device), workers=workers,
+                                 shard=(processes.rank, processes.world), progress=lambda n: progress.advance(bar, n))
+    processes.barrier()
+    say(f"{len(paths)} images in {cache.path}; this process computed {computed}, the rest were cached")
+    return cache.path

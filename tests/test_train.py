@@ -1,0 +1,176 @@
+"""Training: learns, freezes, unfreezes in order, balances, resumes exactly, stops on NaN."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import mvit
+from mvit.core import train as training
+from mvit.core.config import load_config, validate_config
+from mvit.core.sampling import balanced_batches, batches_per_dataset, interleave
+from mvit.errors import ConfigError
+from training_data import make_learnable_dermmel
+
+TINY_BACKBONE = {"name": "deit_tiny_patch16_224", "init": "random", "patch_size": 8, "width": 32, "depth": 2,
+                 "num_heads": 2, "drop_path": 0.0}
+
+
+@pytest.fixture(scope="module")
+def dermmel_root(tmp_path_factory):
+    return make_learnable_dermmel(tmp_path_factory.mktemp("dermmel"))
+
+
+def tiny_config(root, output, **sections):
+    raw = {
+        "output": str(output),
+        "datasets": [{"name": "dermmel", "root": str(root)}],
+        "backbone": dict(TINY_BACKBONE),
+        "preprocessing": {"image_size": 32, "crop_fraction": 1.0},
+        "augmentation": {"crop_scale": [0.8, 1.0], "color_jitter": 0.0, "hue_jitter": 0.0},
+        "optimizer": {"head_lr": 3e-3, "backbone_lr": 3e-3, "layer_decay": 1.0, "warmup_epochs": 0},
+        "unfreeze": {"mode": "all"},
+        "training": {"epochs": 4, "batch_size": 8, "workers": 0, "device": "cpu", "early_stopping": None},
+    }
+    for section, values in sections.items():
+        raw[section] = {**raw.get(section, {}), **values} if isinstance(values, dict) else values
+    return validate_config(raw)
+
+
+def metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_small_run_learns_and_writes_its_run_folder(dermmel_root, tmp_path):
+    run = tmp_path / "run"
+    best = training.train(tiny_config(dermmel_root, run, training={"epochs": 5}))
+    history = metrics(run)
+    assert len(history) == 5
+    assert max(h["heads"]["dermmel"]["valid"]["balanced_accuracy"] for h in history) >= 0.85  # chance is 0.5
+    for name in ("best.safetensors", "last.safetensors", "config.json", "curves.png", "metrics.jsonl"):
+        assert (run / name).is_file(), name
+    model = mvit.load(best)
+    info = model.heads["dermmel"]
+    assert info.classes == ("melanoma", "not_melanoma") and info.positive == "melanoma"
+    assert info.threshold is not None and info.temperature > 0  # calibrated on validation data
+    assert "valid_balanced_accuracy" in info.metrics
+
+
+def test_frozen_epoch_leaves_the_backbone_bit_identical(dermmel_root, tmp_path):
+    config = tiny_config(dermmel_root, tmp_path / "run", unfreeze={"mode": "gradual", "frozen_epochs": 1},
+                         training={"epochs": 1})
+    trainer = training.Trainer(config)
+    before = {k: v.clone() for k, v in trainer.model.backbone.state_dict().items()}
+    heads_before = {k: v.clone() for k, v in trainer.model.classifiers.state_dict().items()}
+    trainer.run()
+    after = trainer.model.backbone.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not all(torch.equal(heads_before[k], v) for k, v in trainer.model.classifiers.state_dict().items())
+    frozen = [p for params in trainer.model.backbone.parameter_groups().values() for p in params]
+    assert all(p not in trainer.optimizer.state for p in frozen)  # no optimizer state for frozen weights
+
+
+def test_unfreezing_follows_the_configured_order(dermmel_root, tmp_path):
+    config = tiny_config(dermmel_root, tmp_path / "run", unfreeze={"mode": "gradual", "frozen_epochs": 1, "every": 1},
+                         training={"epochs": 3})
+    trainer = training.Trainer(config)
+    assert trainer.order == ["final_norm", "block.1", "block.0", "position", "patch_embed"]
+    initial = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.run()
+    assert [h["unfrozen_groups"] for h in metrics(tmp_path / "run")] == [[], ["final_norm"], ["final_norm", "block.1"]]
+    last = load_file(str(tmp_path / "run" / "last.safetensors"))
+
+    def unchanged(prefix):
+        return all(torch.equal(initial[k], last[k]) for k in initial if k.startswith(prefix))
+
+    assert unchanged("backbone.blocks.0.") and unchanged("backbone.patch_embed.")
+    assert not unchanged("backbone.blocks.1.") and not unchanged("backbone.final_norm.")
+
+
+def test_custom_unfreeze_order_is_validated(dermmel_root, tmp_path):
+    config = tiny_config(dermmel_root, tmp_path / "run", unfreeze={"mode": "gradual", "order": ["block.7"]})
+    with pytest.raises(ConfigError, match="block.7"):
+        training.Trainer(config)
+
+
+def test_balanced_batches_on_a_nine_to_one_dataset():
+    targets = [0] * 90 + [1] * 10
+    batches = balanced_batches(targets, batch_size=10, num_batches=20, generator=torch.Generator().manual_seed(0))
+    for batch in batches:
+        assert sum(targets[i] for i in batch) == 5
+    minority = [i for batch in batches for i in batch if targets[i] == 1]
+    assert set(minority) == set(range(90, 100))  # every rare image is used, not a few repeated
+
+
+def test_datasets_are_interleaved_without_starving_the_small_one():
+    counts = batches_per_dataset([1000, 40], batch_size=10, weighting="sqrt")
+    assert counts[1] >= 0.15 * sum(counts)
+    order = interleave(counts)
+    first_half = order[: len(order) // 2]
+    assert abs(first_half.count(1) - counts[1] / 2) <= 1
+
+
+def test_resume_gives_the_same_result_as_an_uninterrupted_run(dermmel_root, tmp_path, monkeypatch):
+    sections = dict(unfreeze={"mode": "gradual", "frozen_epochs": 1}, training={"epochs": 3})
+    training.train(tiny_config(dermmel_root, tmp_path / "straight", **sections))
+
+    interrupted = tmp_path / "interrupted"
+    real_epoch = training.Trainer._train_epoch
+
+    def stop_in_third_epoch(self, epoch, *args):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real_epoch(self, epoch, *args)
+
+    monkeypatch.setattr(training.Trainer, "_train_epoch", stop_in_third_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        training.train(tiny_config(dermmel_root, interrupted, **sections))
+    monkeypatch.setattr(training.Trainer, "_train_epoch", real_epoch)
+    training.resume(interrupted)
+
+    straight, resumed = load_file(str(tmp_path / "straight" / "last.safetensors")), load_file(str(interrupted / "last.safetensors"))
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert [h["epoch"] for h in metrics(interrupted)] == [0, 1, 2]
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_model(dermmel_root, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    real_epoch = training.Trainer._train_epoch
+
+    def poison(self, epoch, *args):
+        if epoch == 1:
+            self.model.classifiers["dermmel"].layers[-1].weight.data.fill_(math.nan)
+        return real_epoch(self, epoch, *args)
+
+    monkeypatch.setattr(training.Trainer, "_train_epoch", poison)
+    with pytest.raises(training.TrainingDiverged, match="diverged.*epoch 2"):
+        training.train(tiny_config(dermmel_root, run))
+    good = mvit.load(run / "last.safetensors")
+    assert all(torch.isfinite(p).all() for p in good.parameters())
+    assert len(metrics(run)) == 1
+
+
+def test_config_errors_name_the_field(tmp_path, dermmel_root):
+    path = tmp_path / "bad.toml"
+    path.write_text(f'output = "out"\n[[datasets]]\nname = "dermmel"\nroot = "{dermmel_root}"\n[training]\nbatch_size = "big"\n')
+    with pytest.raises(ConfigError, match="training.batch_size"):
+        load_config(path)
+    path.write_text('output = "out"\n[[datasets]]\nname = "dermmel"\n')
+    with pytest.raises(ConfigError, match="datasets.0.root"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        path.write_text("this is = = not toml")
+        load_config(path)
+
+
+def test_overrides_and_relative_paths(tmp_path):
+    path = tmp_path / "configs" / "c.toml"
+    path.parent.mkdir()
+    path.write_text('output = "../runs/x"\n[[datasets]]\nname = "ph2"\nroot = "data/ph2"\n')
+    config = load_config(path, ["training.epochs=7", "training.device=cpu"])
+    assert config.training.epochs == 7 and config.training.device == "cpu"
+    assert config.datasets[0].root == tmp_path / "configs" / "data" / "ph2"
+    assert config.output == tmp_path / "runs" / "x"
