@@ -12,7 +12,7 @@ from mvit.core import train as training
 from mvit.core.config import load_config, validate_config
 from mvit.core.sampling import balanced_batches, batches_per_dataset, interleave
 from mvit.errors import ConfigError
-from training_data import make_learnable_dermmel
+from training_data import make_learnable_dermmel, make_learnable_ph2
 
 TINY_BACKBONE = {"name": "deit_tiny_patch16_224", "init": "random", "patch_size": 8, "width": 32, "depth": 2,
                  "num_heads": 2, "drop_path": 0.0}
@@ -170,7 +170,24 @@ def test_overrides_and_relative_paths(tmp_path):
     path = tmp_path / "configs" / "c.toml"
     path.parent.mkdir()
     path.write_text('output = "../runs/x"\n[[datasets]]\nname = "ph2"\nroot = "data/ph2"\n')
-    config = load_config(path, ["training.epochs=7", "training.device=cpu"])
-    assert config.training.epochs == 7 and config.training.device == "cpu"
+    config = load_config(path, ["training.epochs=7", "training.device=cpu", "datasets.0.fold=2"])
+    assert config.training.epochs == 7 and config.training.device == "cpu" and config.datasets[0].fold == 2
+    with pytest.raises(ConfigError, match="no '3'"):
+        load_config(path, ["datasets.3.root=x"])
     assert config.datasets[0].root == tmp_path / "configs" / "data" / "ph2"
     assert config.output == tmp_path / "runs" / "x"
+
+
+def test_a_frozen_backbone_gains_heads_and_keeps_the_old_ones(dermmel_root, tmp_path):
+    first = training.train(tiny_config(dermmel_root, tmp_path / "first", training={"epochs": 1}))
+    ph2_root = make_learnable_ph2(tmp_path / "ph2")
+    config = tiny_config(dermmel_root, tmp_path / "second", unfreeze={"mode": "none"}, augmentation={"enabled": False},
+                         backbone={"init": str(first)}, datasets=[{"name": "ph2", "root": str(ph2_root)}],
+                         training={"epochs": 3})
+    second = mvit.load(training.train(config))
+    assert set(second.heads) == {"dermmel", "ph2", "ph2-mel"}
+    before = load_file(str(first))
+    reloaded = load_file(str(tmp_path / "second" / "best.safetensors"))
+    for name, tensor in before.items():  # backbone and the dermmel head are untouched
+        assert torch.equal(tensor, reloaded[name]), name
+    assert second.heads["dermmel"] == mvit.load(first).heads["dermmel"]

@@ -173,8 +173,13 @@ def _apply_override(raw: dict, item: str) -> None:
         value = text
     *parents, leaf = key.strip().split(".")
     node = raw
-    for part in parents:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {item!r}: {part} is not a section")
+    for part in parents:  # sections by name, list entries by index: datasets.0.root
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        elif isinstance(node, dict):
+            node = node.setdefault(part, {})
+        else:
+            raise ConfigError(f"override {item!r}: there is no {part!r} to set")
+    if not isinstance(node, dict):
+        raise ConfigError(f"override {item!r}: {'.'.join(parents)} is not a section")
     node[leaf] = value

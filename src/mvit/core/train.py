@@ -121,15 +121,18 @@ def build_model(config: TrainConfig, tasks: list[Task], warn: Callable[[str], No
     else:
         backbone = create_backbone(b.name, init, **overrides)
     model = Model(backbone, config.preprocessing)
-    for task in tasks:
-        for name in task.heads:
-            spec = manager.get_head(name)
-            reused = previous.heads.get(name) if previous else None
-            if reused is not None and reused.classes == spec.classes:
-                model.add_head(reused)
+    trained_here = {name for task in tasks for name in task.heads}
+    for name, info in (previous.heads.items() if previous else []):
+        # A frozen backbone leaves the earlier heads valid: keep them, so a model gains heads one
+        # dataset at a time. A backbone that will change would leave them stale: drop them.
+        if name in trained_here or config.unfreeze.mode == "none":
+            if name not in trained_here or info.classes == manager.get_head(name).classes:
+                model.add_head(info)
                 model.classifiers[name].load_state_dict(previous.classifiers[name].state_dict())
-            else:
-                model.add_head(HeadInfo.from_spec(spec))
+        else:
+            warn(f"head {name!r} of {init} is dropped: the backbone is fine-tuned, which would leave it stale")
+    for name in sorted(trained_here - set(model.heads)):
+        model.add_head(HeadInfo.from_spec(manager.get_head(name)))
     return model
 
 
@@ -296,6 +299,8 @@ class Trainer:
         self.processes = Processes.from_environment(device.type)
         self.device = device
         self.dtype = autocast_dtype(config.training.precision, device)
+        if device.type == "cuda":  # float32 leftovers outside autocast may use TF32 tensor cores
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         self.tasks = build_tasks(config, self.say)
         self.model = build_model(config, self.tasks, self.warn).to(device)
         self.order = unfreeze_order(self.model, config)
