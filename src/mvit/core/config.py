@@ -148,6 +148,9 @@ def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None) -
             dataset["root"] = anchored(dataset["root"])
     if "output" in raw:
         raw["output"] = anchored(raw["output"])
+    backbone = raw.get("backbone")
+    if isinstance(backbone, dict) and backbone.get("init") not in (None, "random", "timm"):
+        backbone["init"] = anchored(backbone["init"])
     training = raw.get("training")
     if isinstance(training, dict) and training.get("feature_cache"):
         training["feature_cache"] = anchored(training["feature_cache"])
