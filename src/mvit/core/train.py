@@ -309,6 +309,7 @@ class Trainer:
         self.schedule = make_schedule(self.optimizer, config, self.steps_per_epoch)
         self.cache = FeatureCache(config.training.feature_cache or self.out / "features.h5", warn=self.warn)
         self.history: list[dict] = []
+        self._features: dict[tuple[str, str], Tensor] = {}  # (dataset, split) -> cached features (N, D)
         self.start_epoch, self.best_score, self.best_epoch, self.bad_epochs = 0, -math.inf, -1, 0
         if resume:
             self._load_state()
@@ -406,13 +407,17 @@ class Trainer:
     def _cached_features(self, task: Task, split: str, *, all_ranks: bool) -> Tensor:
         """Backbone features (N, D) of a split from the cache; `all_ranks`: every rank is here, so
         they share the extraction and wait for each other."""
+        if (task.dataset, split) in self._features:  # the backbone has not changed since
+            return self._features[task.dataset, split]
         paths = [s.path for s in task.splits[split]]
         options = dict(device=self.device, dtype=self.dtype, workers=self._workers())
         if all_ranks and self.processes.world > 1:
             self.cache.extract(self.model.backbone, self.config.preprocessing, paths,
                                shard=(self.processes.rank, self.processes.world), **options)
             self.processes.barrier()
-        return self.cache.load(self.model.backbone, self.config.preprocessing, paths, **options)
+        features = self.cache.load(self.model.backbone, self.config.preprocessing, paths, **options)
+        self._features[task.dataset, split] = features
+        return features
 
     # ---- one epoch
 
@@ -517,6 +522,7 @@ class Trainer:
                 apply_unfreezing(self.model, unfrozen)
                 if unfrozen != previous_unfrozen:
                     step_module = self._wrap(unfrozen)
+                    self._features.clear()  # kept in memory only while the backbone stays frozen
                     previous_unfrozen = unfrozen
                 train = self._train_epoch(epoch, unfrozen, step_module, progress)
                 stop = None
