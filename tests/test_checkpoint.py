@@ -40,6 +40,7 @@ def test_round_trip_keeps_every_metadata_field(saved):
     assert meta.provenance["run"] == "unit-test"
     assert meta.provenance["mvit_version"] == mvit.__version__
     assert "created" in meta.provenance
+    assert loaded.provenance["run"] == "unit-test"  # kept when the model is saved again
 
 
 def test_half_precision_file_is_smaller_and_close(model, tmp_path):

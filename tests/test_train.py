@@ -192,3 +192,5 @@ def test_a_frozen_backbone_gains_heads_and_keeps_the_old_ones(dermmel_root, tmp_
     for name, tensor in before.items():  # backbone and the dermmel head are untouched
         assert torch.equal(tensor, reloaded[name]), name
     assert second.heads["dermmel"] == mvit.load(first).heads["dermmel"]
+    assert [run["config"]["datasets"][0]["name"] for run in second.provenance["training"]] == ["dermmel", "ph2"]
+    assert set(second.provenance["splits"]) == {"dermmel", "ph2"}

@@ -57,6 +57,7 @@ def save(model: Model, path: Union[str, Path], *, half: bool = False, provenance
         preprocessing=model.preprocessing,
         heads=dict(model.heads),
         provenance={
+            **model.provenance,
             "mvit_version": __version__,
             "torch_version": torch.__version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -116,6 +117,7 @@ def load(path: Union[str, Path, None] = None, *, device: Union[str, torch.device
         path = bundled_model_path()
     metadata = read_metadata(path)
     model = Model(VisionTransformer(metadata.backbone), metadata.preprocessing)
+    model.provenance = dict(metadata.provenance)
     for info in metadata.heads.values():
         model.add_head(info)
     try:

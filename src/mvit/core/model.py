@@ -64,6 +64,7 @@ class Model(nn.Module):
         self.preprocessing = preprocessing or Preprocessing(image_size=backbone.config.image_size)
         self.classifiers = nn.ModuleDict()
         self._head_info: dict[str, HeadInfo] = {}
+        self.provenance: dict = {}  # where the model came from: training runs, data splits; kept on save
 
     # ---- heads ------------------------------------------------------------------------------
 

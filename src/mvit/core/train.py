@@ -121,6 +121,8 @@ def build_model(config: TrainConfig, tasks: list[Task], warn: Callable[[str], No
     else:
         backbone = create_backbone(b.name, init, **overrides)
     model = Model(backbone, config.preprocessing)
+    if previous is not None:
+        model.provenance = dict(previous.provenance)
     trained_here = {name for task in tasks for name in task.heads}
     for name, info in (previous.heads.items() if previous else []):
         # A frozen backbone leaves the earlier heads valid: keep them, so a model gains heads one
@@ -598,11 +600,16 @@ class Trainer:
         checkpoint.save(self.model, path, provenance=self._provenance(epoch))
 
     def _provenance(self, epoch: int) -> dict:
+        """Each training run this model went through, and the splits of every dataset it has seen
+        (so `mvit evaluate` tests on the same images that training held out)."""
+        earlier = self.model.provenance
+        splits = {d.name: {"seed": d.split_seed, "fold": d.fold, "folds": d.folds, "fractions": d.fractions}
+                  for d in self.config.datasets}
+        run = {"config": self.config.model_dump(mode="json"), "epoch": epoch + 1, "best_epoch": self.best_epoch + 1}
         return {
             "epoch": epoch + 1,
-            "training_config": self.config.model_dump(mode="json"),
-            "splits": {d.name: {"seed": d.split_seed, "fold": d.fold, "folds": d.folds, "fractions": d.fractions}
-                       for d in self.config.datasets},
+            "training": [*earlier.get("training", []), run],
+            "splits": {**earlier.get("splits", {}), **splits},
         }
 
     def _calibrate_and_save(self) -> None:

@@ -1,0 +1,41 @@
+"""The model bundled with mvit loads without arguments, has its five heads and predicts sensibly."""
+
+import numpy as np
+import pytest
+
+import mvit
+from training_data import paint
+
+HEADS = {"dermmel", "ham10000", "ham10000-mel", "ph2", "ph2-mel"}
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    return mvit.load()
+
+
+def test_bundled_model_has_the_five_heads(bundled):
+    assert set(bundled.heads) == HEADS
+    assert bundled.heads["ham10000"].classes == ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
+    for name in ("dermmel", "ham10000-mel", "ph2-mel"):
+        info = bundled.heads[name]
+        assert info.positive == "melanoma" and 0 < info.threshold < 1 and info.threshold_target
+    assert all(info.temperature > 0 for info in bundled.heads.values())
+
+
+def test_bundled_model_predicts_probabilities_for_every_head(bundled, tmp_path):
+    image = tmp_path / "lesion.jpg"
+    paint(image, 0, size=160)
+    predictions = bundled.predict(image, head="all")
+    assert {p.head for p in predictions} == HEADS
+    for p in predictions:
+        values = np.array(list(p.probabilities.values()))
+        assert set(p.probabilities) == set(bundled.heads[p.head].classes)
+        assert np.all((values >= 0) & (values <= 1)) and abs(values.sum() - 1) < 1e-4
+        assert p.label in p.probabilities
+
+
+def test_bundled_model_records_its_training(bundled):
+    training = bundled.provenance["training"]
+    assert [run["config"]["datasets"][0]["name"] for run in training] == ["ham10000", "ph2"]
+    assert set(bundled.provenance["splits"]) == {"ham10000", "dermmel", "ph2"}
