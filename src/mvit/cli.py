@@ -205,6 +205,9 @@ class PrecisionChoice(str, Enum):
     bf16 = "bf16"
 
 
+DEVICE_HELP = "auto (a CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N"
+
+
 def _load_model(model_file: Optional[Path], device: str):
     """The model file given, else the bundled one (a clear error until it exists), on `device`."""
     import torch
@@ -219,9 +222,6 @@ def _load_model(model_file: Optional[Path], device: str):
     if chosen.type == "cuda" and not torch.cuda.is_available():
         raise MvitError(f"device {device!r} asked for, but PyTorch sees no CUDA GPU here; use --device cpu")
     return checkpoint.load(model_file if model_file is not None else checkpoint.bundled_model_path(), device=chosen)
-
-
-DEVICE_HELP = "auto (a CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N"
 
 
 def _say(message: str) -> None:
@@ -269,7 +269,7 @@ def predict_command(
         workers=default_workers(len(files), batch_size, next(model.parameters()).device) if workers is None else workers,
     )
     failed = 0
-    with (open(output_file, "w", newline="") if output_file else contextlib.nullcontext(sys.stdout)) as sink:
+    with (_open_for_writing(output_file) if output_file else contextlib.nullcontext(sys.stdout)) as sink:
         writer = _PredictionWriter(output, sink, {name: model.heads[name].classes for name in names})
         with progress_bar(stderr, disable=not stderr.is_terminal) as progress:
             task = progress.add_task("predicting", total=len(files))
@@ -284,6 +284,13 @@ def predict_command(
     if failed:
         _say(f"{failed} of {len(files)} images could not be read (see above); the other {len(files) - failed} were predicted")
         raise typer.Exit(1)
+
+
+def _open_for_writing(path: Path):
+    try:
+        return open(path, "w", newline="")
+    except OSError as error:
+        raise MvitError(f"cannot write {path}: {error.strerror}; choose another --output") from None
 
 
 class _PredictionWriter:
@@ -393,24 +400,21 @@ def evaluate_command(
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     """Evaluate one head on a split of its dataset, with the split settings the model was trained with; write the report."""
-    from mvit.core import checkpoint
     from mvit.core.evaluate import evaluate_head, split_settings
     from mvit.registry import manager
 
-    path = model_file if model_file is not None else checkpoint.bundled_model_path()
-    provenance = checkpoint.read_metadata(path).provenance
-    model = _load_model(path, device)
+    model = _load_model(model_file, device)
     model.select_heads(head)
     dataset = manager.get_head(head).dataset
-    settings = split_settings(provenance, dataset)
+    settings = split_settings(model.provenance, dataset)
     if fold is not None:
         trained = settings["fold"]
-        recorded = dataset in (provenance.get("splits") or {})
+        recorded = dataset in (model.provenance.get("splits") or {})
         if recorded and trained != fold and not manager.get_dataset(dataset).official_splits:
             held = "no fold (it was trained without cross-validation)" if trained is None else f"fold {trained}"
-            raise MvitError(f"{path} held out {held} of {dataset}, so fold {fold} holds training images; leave out --fold")
+            raise MvitError(f"the model held out {held} of {dataset}, so fold {fold} holds training images; leave out --fold")
         settings["fold"] = fold
-    metrics = evaluate_head(model, head, root, out, split=split, precision=precision.value, batch_size=batch_size, **settings)
+    metrics = evaluate_head(model, head, root, out, split=split, splits=settings, precision=precision.value, batch_size=batch_size)
     for message in metrics["unreadable"]:
         _say(f"warning: left out: {message}")
     shown = ["n", "accuracy", "balanced_accuracy", "roc_auc", "sensitivity", "specificity", "threshold",
