@@ -213,7 +213,7 @@ def _load_model(model_file: Optional[Path], device: str):
     import torch
 
     from mvit.core import checkpoint
-    from mvit.core.train import resolve_device
+    from mvit.core.precision import resolve_device
 
     try:
         chosen = resolve_device(device)

@@ -1,4 +1,5 @@
-"""Which number format to compute in: bfloat16 autocast where the hardware runs it fast, else float32.
+"""Where and in which number format to compute: the device, and bfloat16 autocast where the
+hardware runs it fast, else float32.
 
 bfloat16 matrix work is fast on CUDA GPUs and on CPUs with AMX (Intel Sapphire Rapids and later). On
 other CPUs it is emulated and several times slower than float32, so `auto` must not pick it there.
@@ -35,3 +36,14 @@ def autocast(device: torch.device, dtype: Optional[torch.dtype]) -> contextlib.A
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """`auto`: this process's CUDA GPU (its torchrun local rank), else Apple's MPS, else the CPU."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")

@@ -29,7 +29,7 @@ from mvit.core.data import LabelledImages
 from mvit.core.evaluate import choose_threshold, classification_metrics, fit_temperature
 from mvit.core.features import FeatureCache
 from mvit.core.model import HeadInfo, Model
-from mvit.core.precision import autocast, autocast_dtype
+from mvit.core.precision import autocast, autocast_dtype, resolve_device
 from mvit.core.sampling import balanced_batches, batches_per_dataset, interleave, shuffled_batches
 from mvit.core.transforms import eval_transform, train_transform
 from mvit.core.vit import VisionTransformer
@@ -273,16 +273,6 @@ class _Step(nn.Module):
     def forward(self, inputs: Tensor, heads: list[str], from_features: bool) -> dict[str, Tensor]:
         features = inputs if from_features else self.model.backbone(inputs)  # (B, D)
         return self.model.head_logits(features, heads)
-
-
-def resolve_device(name: str, processes_local_rank: int = 0) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda", processes_local_rank)
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 # ---- the run ------------------------------------------------------------------------------------
