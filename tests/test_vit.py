@@ -101,3 +101,14 @@ def test_unknown_named_backbone_is_a_clear_error():
         named_config("deit_huge")
     with pytest.raises(ConfigError, match="not divisible"):
         named_config("deit_tiny_patch16_224", num_heads=5)
+
+
+def test_in_place_inference_path_equals_the_autograd_path():
+    model = VisionTransformer(ViTConfig(image_size=32, patch_size=8, width=48, depth=3, num_heads=4)).eval()
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        tokens, pooled = model.forward_features(images), model(images)
+    assert torch.equal(tokens, model.forward_features(images).detach())  # grad enabled: no in-place updates
+    assert torch.equal(pooled, model(images).detach())
+    model(images).sum().backward()  # and the autograd path still differentiates
+    assert model.blocks[0].mlp.fc_in.weight.grad is not None
