@@ -103,8 +103,29 @@ class FeatureCache:
             group.attrs["rows"] = rows + len(new)  # written last: rows beyond it are never read
             file.flush()
 
-    def extract(
+    def extract(self, backbone: VisionTransformer, preprocessing: Preprocessing, paths: Sequence[Path], **options) -> int:
+        """Compute and commit the features of `paths` not cached yet; returns how many this process computed.
+
+        Options: `device`, `dtype`, `batch_size`, `workers`, `progress`, and `shard=(rank, world)`:
+        this process takes every world-th image, so several processes (torchrun ranks) extract one
+        cache together.
+        """
+        image_keys = [content_hash(Path(p)) for p in paths]
+        return self._fill(fingerprint(backbone, preprocessing), image_keys, backbone, preprocessing, paths, **options)
+
+    def load(self, backbone: VisionTransformer, preprocessing: Preprocessing, paths: Sequence[Path], **options) -> torch.Tensor:
+        """Pooled features (N, D) of `paths`, extracting whatever the cache lacks."""
+        if not paths:
+            return torch.empty(0, backbone.width)
+        key, image_keys = fingerprint(backbone, preprocessing), [content_hash(Path(p)) for p in paths]
+        self._fill(key, image_keys, backbone, preprocessing, paths, **options)
+        cached = self.lookup(key, image_keys)
+        return torch.from_numpy(np.stack([cached[k] for k in image_keys]))
+
+    def _fill(
         self,
+        key: str,
+        image_keys: list[str],
         backbone: VisionTransformer,
         preprocessing: Preprocessing,
         paths: Sequence[Path],
@@ -116,18 +137,11 @@ class FeatureCache:
         shard: tuple[int, int] = (0, 1),
         progress: Optional[Callable[[int], None]] = None,
     ) -> int:
-        """Compute and commit the features of `paths` not cached yet; returns how many this process computed.
-
-        `shard=(rank, world)`: this process takes every world-th image, so several
-        processes (torchrun ranks) extract one cache together.
-        """
-        key = fingerprint(backbone, preprocessing)
-        image_keys = [content_hash(Path(p)) for p in paths]
-        cached = self.lookup(key, image_keys)
+        present = self._present(key)
         rank, world = shard
         # each image belongs to one rank by its position, whatever the others have committed so far
         first = {k: i for i, k in reversed(list(enumerate(image_keys)))}
-        mine = [i for i, k in enumerate(image_keys) if first[k] == i and k not in cached and i % world == rank]
+        mine = [i for i, k in enumerate(image_keys) if first[k] == i and k not in present and i % world == rank]
         if progress:
             progress(len(paths) - len(mine))
         meta = {"backbone": backbone.config.model_dump(), "preprocessing": preprocessing.model_dump()}
@@ -142,14 +156,14 @@ class FeatureCache:
             backbone.train(was_training)
         return len(mine)
 
-    def load(self, backbone: VisionTransformer, preprocessing: Preprocessing, paths: Sequence[Path], **options) -> torch.Tensor:
-        """Pooled features (N, D) of `paths`, extracting whatever the cache lacks."""
-        self.extract(backbone, preprocessing, paths, **options)
-        image_keys = [content_hash(Path(p)) for p in paths]
-        cached = self.lookup(fingerprint(backbone, preprocessing), image_keys)
-        if not paths:
-            return torch.empty(0, backbone.width)
-        return torch.from_numpy(np.stack([cached[k] for k in image_keys]))
+    def _present(self, key: str) -> set[str]:
+        """The image keys cached under fingerprint `key` (their features are not read)."""
+        if not self.path.exists():
+            return set()
+        with self._locked(shared=True), self._open("r") as file:
+            if file is None or key not in file:
+                return set()
+            return set(file[key]["keys"][: int(file[key].attrs["rows"])].astype(str))
 
     @staticmethod
     def _compute(backbone, preprocessing, paths, device, dtype, batch_size, workers, progress) -> np.ndarray:
