@@ -101,7 +101,6 @@ def classification_metrics(
     """
     from sklearn.metrics import (
         accuracy_score,
-        balanced_accuracy_score,
         brier_score_loss,
         confusion_matrix,
         precision_recall_fscore_support,
@@ -124,7 +123,7 @@ def classification_metrics(
     metrics: dict[str, Any] = {
         "n": int(len(targets)),
         "accuracy": float(accuracy_score(targets, predicted)),
-        "balanced_accuracy": _balanced_accuracy(balanced_accuracy_score, targets, predicted),
+        "balanced_accuracy": _balanced_accuracy(targets, predicted),
         "macro_f1": float(np.mean(f1)),
         "roc_auc": None,
         "ece": expected_calibration_error(probabilities, targets),
@@ -151,8 +150,10 @@ def classification_metrics(
     return metrics
 
 
-def _balanced_accuracy(balanced_accuracy_score, targets: np.ndarray, predicted: np.ndarray) -> float:
+def _balanced_accuracy(targets: np.ndarray, predicted: np.ndarray) -> float:
     import warnings
+
+    from sklearn.metrics import balanced_accuracy_score
 
     with warnings.catch_warnings():
         # sklearn warns when a predicted class is absent from the targets; the score is still defined

@@ -611,7 +611,9 @@ class Trainer:
         self.model.load_state_dict(best.state_dict())
         for name, info in best.heads.items():
             self.model.update_head(name, metrics=dict(info.metrics))
-        _, valid_logits = self._validate(self.config.unfreeze.mode == "none", _NoProgress())
+        from rich.progress import Progress
+
+        _, valid_logits = self._validate(self.config.unfreeze.mode == "none", Progress(disable=True))
         c = self.config.calibration
         for name, (logits, targets) in valid_logits.items():
             info = self.model.heads[name]
@@ -650,17 +652,6 @@ class _HeadStats:
         metrics = classification_metrics(probabilities, targets, info.classes)
         keep = ("accuracy", "balanced_accuracy", "roc_auc")
         return {"loss": self.loss_sum / self.count, **{k: metrics[k] for k in keep if k in metrics}}
-
-
-class _NoProgress:
-    def add_task(self, *args, **kwargs):
-        return 0
-
-    def advance(self, *args):
-        pass
-
-    def remove_task(self, *args):
-        pass
 
 
 def train(config: TrainConfig, *, resume: bool = False, console=None) -> Path:
