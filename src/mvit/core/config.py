@@ -83,6 +83,9 @@ class TrainingConfig(_Strict):
     # batches per epoch from each dataset: in proportion to its size, to its square root, or equal
     dataset_weighting: Literal["size", "sqrt", "equal"] = "sqrt"
     label_smoothing: float = Field(default=0.1, ge=0, lt=1)
+    # an exponential moving average of the weights with this decay per step (e.g. 0.998), validated
+    # every epoch beside the trained weights and kept as the best model when it scores higher
+    ema_decay: Optional[float] = Field(default=None, gt=0, lt=1)
     best_metric: Literal["balanced_accuracy", "roc_auc", "accuracy", "loss"] = "balanced_accuracy"
     early_stopping: Optional[int] = Field(default=10, ge=1)  # epochs without improvement; None: never stop
     seed: int = 0

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -28,6 +29,7 @@ from mvit.core.config import TrainConfig, validate_config
 from mvit.core.data import LabelledImages
 from mvit.core.evaluate import choose_threshold, classification_metrics, fit_temperature
 from mvit.core.features import FeatureCache
+from mvit.core.mixing import IGNORE, Mix, mix_images, mixing_active, soft_targets
 from mvit.core.model import HeadInfo, Model
 from mvit.core.precision import autocast, autocast_dtype, resolve_device
 from mvit.core.sampling import balanced_batches, batches_per_dataset, interleave, shuffled_batches
@@ -38,7 +40,6 @@ from mvit.errors import ConfigError, MvitError
 from mvit.registry import leakage, manager, splits
 from mvit.registry.specs import Sample
 
-IGNORE = -100  # target of a sample that a head leaves out
 TRAIN, VALID = "train", "valid"
 STATE_FILE = "state.pt"
 
@@ -297,6 +298,7 @@ class Trainer:
         self.model = build_model(config, self.tasks, self.warn).to(device)
         self.order = unfreeze_order(self.model, config)
         self.optimizer = make_optimizer(self.model, config)
+        self.ema = _ema(self.model, config.training.ema_decay)
         self.steps_per_epoch = len(self._plan(0))
         self.schedule = make_schedule(self.optimizer, config, self.steps_per_epoch)
         self.cache = FeatureCache(config.training.feature_cache or self.out / "features.h5", warn=self.warn)
@@ -337,6 +339,7 @@ class Trainer:
             "best_score": self.best_score,
             "best_epoch": self.best_epoch,
             "bad_epochs": self.bad_epochs,
+            **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
         }
         partial = self.out / f".{STATE_FILE}.partial"
         torch.save(state, partial)
@@ -350,6 +353,10 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
+        if self.ema is not None:
+            if "ema" not in state:
+                raise ConfigError(f"{path} was saved without weight averaging; resume without training.ema_decay")
+            self.ema.load_state_dict(state["ema"])
         self.start_epoch = state["epoch"] + 1
         self.best_score, self.best_epoch, self.bad_epochs = state["best_score"], state["best_epoch"], state["bad_epochs"]
         lines = (self.out / "metrics.jsonl").read_text().splitlines()
@@ -426,6 +433,8 @@ class Trainer:
             ]
         stats = {name: _HeadStats() for task in self.tasks for name in task.heads}
         label_smoothing = self.config.training.label_smoothing
+        mixing = self.config.augmentation.mixing
+        mixing_on = not use_cache and mixing_active(mixing, epoch, self.config.training.epochs)
         bar = progress.add_task(f"epoch {epoch + 1} train", total=len(steps))
         for step, (k, batch) in enumerate(steps):
             task = self.tasks[k]
@@ -434,14 +443,17 @@ class Trainer:
             else:
                 inputs, targets, _ = next(loaders[k])
             inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+            inputs, mix = mix_images(inputs, mixing) if mixing_on else (inputs, Mix.none(len(targets), self.device))
             with autocast(self.device, self.dtype):
                 logits = step_module(inputs, task.heads, use_cache)
             loss = inputs.new_zeros((), dtype=torch.float32)
             for h, name in enumerate(task.heads):
-                keep = targets[:, h] != IGNORE
+                classes = len(self.model.heads[name].classes)
+                soft, keep = soft_targets(targets[:, h], classes, mix, label_smoothing)  # (b, K), (B,)
                 if keep.any():  # a batch where a head has no labelled sample adds nothing for it
-                    head_loss = F.cross_entropy(logits[name][keep].float(), targets[keep, h], label_smoothing=label_smoothing)
+                    head_loss = F.cross_entropy(logits[name][keep].float(), soft)
                     loss = loss + head_loss
+                    # training metrics against each image's own class (the larger share of a mixed image)
                     stats[name].add(head_loss.item(), logits[name][keep].float(), targets[keep, h])
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
@@ -454,6 +466,8 @@ class Trainer:
                 nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.config.optimizer.grad_clip)
             self.optimizer.step()
             self.schedule.step()
+            if self.ema is not None:
+                self.ema.update_parameters(self.model)
             progress.advance(bar)
         progress.remove_task(bar)
         return {name: s.summary(self.model.heads[name]) for name, s in stats.items()}
@@ -520,7 +534,12 @@ class Trainer:
                 stop = None
                 if self.processes.main:
                     valid, _ = self._validate(not unfrozen, progress)
-                    stop = self._after_epoch(epoch, self._record(epoch, unfrozen, train, valid, time.perf_counter() - started))
+                    ema_valid = None
+                    if self.ema is not None:
+                        with self._ema_weights():
+                            ema_valid, _ = self._validate(not unfrozen, progress)
+                    record = self._record(epoch, unfrozen, train, valid, ema_valid, time.perf_counter() - started)
+                    stop = self._after_epoch(epoch, record)
                 stop = self.processes.share(stop)
                 if stop:
                     self.say(f"early stopping: no improvement for {t.early_stopping} epochs")
@@ -542,20 +561,37 @@ class Trainer:
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(step, device_ids=device_ids, find_unused_parameters=True)
 
-    def _record(self, epoch: int, unfrozen: list[str], train: dict, valid: dict, seconds: float) -> dict:
+    def _record(self, epoch: int, unfrozen: list[str], train: dict, valid: dict, ema_valid: Optional[dict], seconds: float) -> dict:
         heads = {name: {"train": train[name], "valid": valid.get(name, {})} for name in train}
-        metric = self.config.training.best_metric
-        scores = [(-v["valid"]["loss"] if metric == "loss" else v["valid"].get(metric, float("nan"))) for v in heads.values()]
-        finite = [s for s in scores if s is not None and math.isfinite(s)]
-        return {
+        record = {
             "epoch": epoch,
             "unfrozen": len(unfrozen),
             "unfrozen_groups": unfrozen,
             "lr": {g["group"]: g["lr"] for g in self.optimizer.param_groups},
             "heads": heads,
-            "score": sum(finite) / len(finite) if finite else float("nan"),
+            "score": self._score(valid),
             "seconds": round(seconds, 2),
         }
+        if ema_valid is not None:  # the averaged weights, validated on the same images
+            record["ema"] = {"heads": {name: {"valid": v} for name, v in ema_valid.items()}, "score": self._score(ema_valid)}
+        return record
+
+    def _score(self, valid: dict) -> float:
+        """The model-selection score: `best_metric` averaged over heads (higher is better)."""
+        metric = self.config.training.best_metric
+        scores = [(-v["loss"] if metric == "loss" else v.get(metric, float("nan"))) for v in valid.values()]
+        finite = [s for s in scores if s is not None and math.isfinite(s)]
+        return sum(finite) / len(finite) if finite else float("nan")
+
+    @contextmanager
+    def _ema_weights(self):
+        """The averaged weights in `self.model` for the duration, then its own weights back."""
+        own = {name: value.detach().clone() for name, value in self.model.state_dict().items()}
+        self.model.load_state_dict(self.ema.module.state_dict())
+        try:
+            yield
+        finally:
+            self.model.load_state_dict(own)
 
     def _after_epoch(self, epoch: int, record: dict) -> bool:
         """Write metrics, models, curves and state (rank 0); returns whether to stop early."""
@@ -564,11 +600,18 @@ class Trainer:
         self.history.append(record)
         with open(self.out / "metrics.jsonl", "a") as file:
             file.write(json.dumps(record) + "\n")
-        self._save_model(self.out / "last.safetensors", epoch, record)
-        improved = record["score"] > self.best_score
+        self._save_model(self.out / "last.safetensors", epoch, record["heads"])
+        # the averaged weights are kept when they validate better than the trained ones
+        use_ema = "ema" in record and record["ema"]["score"] > record["score"]
+        score = record["ema"]["score"] if use_ema else record["score"]
+        improved = score > self.best_score
         if improved:
-            self.best_score, self.best_epoch, self.bad_epochs = record["score"], epoch, 0
-            self._save_model(self.out / "best.safetensors", epoch, record)
+            self.best_score, self.best_epoch, self.bad_epochs = score, epoch, 0
+            if use_ema:
+                with self._ema_weights():
+                    self._save_model(self.out / "best.safetensors", epoch, record["ema"]["heads"], averaged=True)
+            else:
+                self._save_model(self.out / "best.safetensors", epoch, record["heads"])
         else:
             self.bad_epochs += 1
         plot_training_curves(self.history, self.out / "curves.png")
@@ -578,24 +621,27 @@ class Trainer:
             f"bal.acc {h['valid'].get('balanced_accuracy', float('nan')):.3f}"
             for name, h in record["heads"].items()
         )
+        ema = f"  EMA score {record['ema']['score']:.3f}" if "ema" in record else ""
         self.say(f"epoch {epoch + 1}/{self.config.training.epochs} [{record['unfrozen']} groups unfrozen] "
-                 f"{summary}{'  *best*' if improved else ''}  ({record['seconds']:.0f} s)")
+                 f"{summary}  score {record['score']:.3f}{ema}"
+                 f"{('  *best (EMA)*' if use_ema else '  *best*') if improved else ''}  ({record['seconds']:.0f} s)")
         patience = self.config.training.early_stopping
         return patience is not None and self.bad_epochs >= patience
 
-    def _save_model(self, path: Path, epoch: int, record: dict) -> None:
-        for name, head in record["heads"].items():
+    def _save_model(self, path: Path, epoch: int, heads: dict, averaged: bool = False) -> None:
+        for name, head in heads.items():
             self.model.update_head(name, metrics={f"valid_{k}": v for k, v in head["valid"].items()
                                                   if isinstance(v, (int, float)) and math.isfinite(v)})
-        checkpoint.save(self.model, path, provenance=self._provenance(epoch))
+        checkpoint.save(self.model, path, provenance=self._provenance(epoch, "exponential moving average" if averaged else "trained"))
 
-    def _provenance(self, epoch: int) -> dict:
+    def _provenance(self, epoch: int, weights: str) -> dict:
         """Each training run this model went through, and the splits of every dataset it has seen
         (so `mvit evaluate` tests on the same images that training held out)."""
         earlier = self.model.provenance
         splits = {d.name: {"seed": d.split_seed, "fold": d.fold, "folds": d.folds, "fractions": d.fractions}
                   for d in self.config.datasets}
-        run = {"config": self.config.model_dump(mode="json"), "epoch": epoch + 1, "best_epoch": self.best_epoch + 1}
+        run = {"config": self.config.model_dump(mode="json"), "epoch": epoch + 1, "best_epoch": self.best_epoch + 1,
+               "weights": weights}  # trained, or their exponential moving average
         return {
             "epoch": epoch + 1,
             "training": [*earlier.get("training", []), run],
@@ -628,7 +674,17 @@ class Trainer:
             changes["metrics"] = {**info.metrics, **{f"valid_calibrated_{k}": v for k, v in metrics.items()
                                                      if isinstance(v, (int, float)) and math.isfinite(v)}}
             self.model.update_head(name, **changes)
-        checkpoint.save(self.model, best_path, provenance=self._provenance(self.best_epoch))
+        weights = best.provenance["training"][-1]["weights"]
+        checkpoint.save(self.model, best_path, provenance=self._provenance(self.best_epoch, weights))
+
+
+def _ema(model: Model, decay: Optional[float]):
+    """An exponential moving average of the model's weights (PyTorch's own), or None."""
+    if decay is None:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 class _HeadStats:
