@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mvit.registry import DatasetError, DatasetSpec, HeadSpec, Sample, hookimpl
+from mvit.registry import DatasetError, DatasetSpec, HeadSpec, Sample, hookimpl, other_than
 from mvit.registry.records import image_files, is_image
 
 SPLIT_FOLDERS = {"train_sep": "train", "valid": "valid", "test": "test"}  # folder -> mvit split
@@ -80,6 +80,8 @@ def register_datasets(register):
             license="CC BY-NC 4.0 (from its ISIC/HAM10000 sources)",
             homepage="https://www.kaggle.com/datasets/drscarlat/melanoma",
             labels=LABELS,
+            # NotMelanoma holds ISIC images of any other diagnosis (nevi, keratoses, carcinomas ...)
+            diagnoses={"Melanoma": "melanoma", "NotMelanoma": other_than("melanoma")},
             layout=LAYOUT,
             official_splits=True,
             load=load,

@@ -17,6 +17,16 @@ from mvit.registry.records import is_image
 
 METADATA = "HAM10000_metadata.csv"
 LABELS = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
+# what each dx means in mvit's diagnosis vocabulary (Tschandl et al. 2018 define the seven)
+DIAGNOSES = {
+    "akiec": "actinic_keratosis",  # actinic keratoses and intraepithelial carcinoma / Bowen's disease
+    "bcc": "basal_cell_carcinoma",
+    "bkl": "benign_keratosis",
+    "df": "dermatofibroma",
+    "mel": "melanoma",
+    "nv": "nevus",  # melanocytic nevi, common and atypical alike
+    "vasc": "vascular_lesion",
+}
 REQUIRED_COLUMNS = ("lesion_id", "image_id", "dx")
 PART_FOLDERS = ("HAM10000_images_part_1", "HAM10000_images_part_2")
 SINGLE_FOLDERS = ("HAM10000_images", "images")
@@ -91,6 +101,7 @@ def register_datasets(register):
             license="CC BY-NC 4.0",
             homepage="https://doi.org/10.7910/DVN/DBW86T",
             labels=LABELS,
+            diagnoses=DIAGNOSES,
             layout=LAYOUT,
             load=load,
             check_layout=check_layout,

@@ -117,6 +117,7 @@ def register_datasets(register):
             license="research use only, with citation",
             homepage="https://www.fc.up.pt/addi/ph2%20database.html",
             labels=LABELS,
+            diagnoses={label: label for label in LABELS},  # PH2's labels are vocabulary terms as they are
             layout=LAYOUT,
             load=load,
             check_layout=check_layout,

@@ -11,6 +11,8 @@ from typing import Any, Callable, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from mvit.registry.diagnoses import TERMS
+
 NAME_PATTERN = r"^[a-z][a-z0-9_\-]*$"
 
 
@@ -90,6 +92,10 @@ class DatasetSpec(BaseModel):
     license: str = ""
     homepage: str = ""
     labels: tuple[str, ...]  # every label the loader can produce
+    # label -> what it means in mvit's diagnosis vocabulary (`registry.diagnoses`), e.g.
+    # {"mel": "melanoma", "nv": "nevus"}; lets other datasets' heads be evaluated on this dataset and
+    # this dataset's heads on others. Optional: undeclared labels have no counterpart elsewhere.
+    diagnoses: dict[str, tuple[str, ...]] = Field(default_factory=dict)
     layout: str = ""  # one line telling a user what the root folder must look like
     splits: tuple[str, ...] = ("train", "valid", "test")  # the first is the training split, the rest evaluate
     # True when the loader fills Sample.split from the dataset's own folders; otherwise mvit splits
@@ -103,6 +109,25 @@ class DatasetSpec(BaseModel):
     # root folder -> every image file the layout holds, labelled or not (to find images without labels);
     # None means every image file under the root
     find_images: Optional[Callable[[Path], list[Path]]] = None
+
+    @field_validator("diagnoses", mode="before")
+    @classmethod
+    def _one_term_or_several(cls, diagnoses: Any) -> Any:
+        if isinstance(diagnoses, dict):
+            return {label: (terms,) if isinstance(terms, str) else terms for label, terms in diagnoses.items()}
+        return diagnoses
+
+    @model_validator(mode="after")
+    def _diagnoses_of_known_labels(self) -> "DatasetSpec":
+        unknown_labels = sorted(set(self.diagnoses) - set(self.labels))
+        if unknown_labels:
+            raise ValueError(f"dataset {self.name!r} declares diagnoses for labels it does not have: {unknown_labels}")
+        unknown_terms = sorted({t for terms in self.diagnoses.values() for t in terms} - TERMS)
+        if unknown_terms:
+            raise ValueError(
+                f"dataset {self.name!r}: {unknown_terms} not in mvit's diagnosis vocabulary ({', '.join(sorted(TERMS))})"
+            )
+        return self
 
     @field_validator("split_fractions")
     @classmethod
