@@ -35,7 +35,7 @@ def test_json_has_one_record_per_image_and_head_equal_to_the_api(capsys, monkeyp
     api = checkpoint.load(model_file).predict(images, head=["dermmel", "ham10000"])
     assert records == [
         {"image": str(p.image), "head": p.head, "label": p.label, "probabilities": pytest.approx(dict(p.probabilities)),
-         "threshold": p.threshold}
+         "threshold": p.threshold, "ood_score": None, "in_distribution": None}  # null: this model has no gate
         for p in api
     ]
 
@@ -45,7 +45,8 @@ def test_csv_has_a_column_per_class_and_the_threshold(capsys, monkeypatch, model
     assert done.code == 0, done.stderr
     rows = list(csv.DictReader(io.StringIO(done.stdout)))
     assert len(rows) == 6 and [r["head"] for r in rows[:2]] == ["dermmel", "mel"]
-    assert set(rows[0]) == {"image", "head", "label", "probability", "threshold", "p_melanoma", "p_not_melanoma", "p_other"}
+    assert set(rows[0]) == {"image", "head", "label", "probability", "threshold", "ood_score", "in_distribution",
+                            "p_melanoma", "p_not_melanoma", "p_other"}
     for row in rows:
         assert float(row["threshold"]) == 0.25
         assert row["label"] == ("melanoma" if float(row["p_melanoma"]) >= 0.25 else row["label"])

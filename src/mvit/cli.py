@@ -252,6 +252,7 @@ def predict_command(
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="images per backbone pass"),
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="decoding processes (default: by file count and CPUs)"),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    abstain: bool = typer.Option(False, "--abstain", help="label `unknown` on every head for an image the model's out-of-distribution gate flags (see `mvit calibrate`)"),
 ) -> None:
     """Predict images with one or more heads. Files that cannot be read are reported, the rest predicted; exit 1 when any failed."""
     from mvit.core.images import find_image_files
@@ -267,10 +268,11 @@ def predict_command(
     stream = predict_stream(
         model, files, names, threshold=threshold, tta=tta, precision=precision.value, batch_size=batch_size,
         workers=default_workers(len(files), batch_size, next(model.parameters()).device) if workers is None else workers,
+        abstain=abstain,
     )
     failed = 0
     with (_open_for_writing(output_file) if output_file else contextlib.nullcontext(sys.stdout)) as sink:
-        writer = _PredictionWriter(output, sink, {name: model.heads[name].classes for name in names})
+        writer = _PredictionWriter(output, sink, {name: model.heads[name].classes for name in names}, gate=model.ood_gate is not None)
         with progress_bar(stderr, disable=not stderr.is_terminal) as progress:
             task = progress.add_task("predicting", total=len(files))
             for result in stream:
@@ -294,19 +296,24 @@ def _open_for_writing(path: Path):
 
 
 class _PredictionWriter:
-    """Writes predictions as they come: json and csv stream record by record; the table waits for all."""
+    """Writes predictions as they come: json and csv stream record by record; the table waits for all.
 
-    def __init__(self, output: OutputFormat, sink, classes: dict[str, tuple[str, ...]]):
+    json and csv always carry `ood_score` and `in_distribution` (null / empty without a gate); the
+    table gets an `in dist.` column only when the model has a gate.
+    """
+
+    def __init__(self, output: OutputFormat, sink, classes: dict[str, tuple[str, ...]], gate: bool = False):
         import csv
 
-        self.output, self.sink = output, sink
+        self.output, self.sink, self.gate = output, sink, gate
         self.rows: list[list[str]] = []
         self.first = True
         # one probability column per class name, shared by heads that have the class
         self.classes = list(dict.fromkeys(name for names in classes.values() for name in names))
         if output is OutputFormat.csv:
             self.csv = csv.writer(sink, lineterminator="\n")
-            self.csv.writerow(["image", "head", "label", "probability", "threshold", *(f"p_{name}" for name in self.classes)])
+            self.csv.writerow(["image", "head", "label", "probability", "threshold", "ood_score", "in_distribution",
+                               *(f"p_{name}" for name in self.classes)])
         elif output is OutputFormat.json:
             sink.write("[")
 
@@ -315,14 +322,16 @@ class _PredictionWriter:
 
         if self.output is OutputFormat.table:
             # a row per head, the image named once: stays readable however many heads are asked for
-            self.rows += [
-                [str(p.image) if k == 0 else "", p.head, p.label, f"{p.probability:.3f}", "" if p.threshold is None else f"{p.threshold:.3g}"]
-                for k, p in enumerate(predictions)
-            ]
+            for k, p in enumerate(predictions):
+                row = [str(p.image) if k == 0 else "", p.head, p.label, _number(p.probability, ".3f"), _number(p.threshold, ".3g")]
+                if self.gate:
+                    row.insert(1, ("yes" if p.in_distribution else "NO") if k == 0 else "")
+                self.rows.append(row)
         for p in predictions:
             if self.output is OutputFormat.csv:
-                threshold = "" if p.threshold is None else f"{p.threshold:.6g}"
-                self.csv.writerow([p.image, p.head, p.label, f"{p.probability:.6f}", threshold,
+                in_distribution = "" if p.in_distribution is None else str(int(p.in_distribution))
+                self.csv.writerow([p.image, p.head, p.label, _number(p.probability, ".6f"), _number(p.threshold, ".6g"),
+                                   _number(p.ood_score, ".6g"), in_distribution,
                                    *(f"{p.probabilities[c]:.6f}" if c in p.probabilities else "" for c in self.classes)])
             elif self.output is OutputFormat.json:
                 self.sink.write(("\n" if self.first else ",\n") + "  " + json.dumps(p.as_dict()))
@@ -332,7 +341,15 @@ class _PredictionWriter:
         if self.output is OutputFormat.json:
             self.sink.write("\n]\n")
         elif self.output is OutputFormat.table and self.rows:
-            _print_table("Predictions", ["image", "head", "label", "probability", "threshold"], self.rows)
+            columns = ["image", "head", "label", "probability", "threshold"]
+            if self.gate:
+                columns.insert(1, "in dist.")
+            _print_table("Predictions", columns, self.rows)
+
+
+def _number(value: Optional[float], spec: str) -> str:
+    """A number for a table or csv cell; empty for None (no threshold, no gate, an abstained label)."""
+    return "" if value is None else format(value, spec)
 
 
 def _unique_stems(files: list[Path]) -> list[str]:
@@ -389,24 +406,27 @@ def attention_command(
 
 @app.command("evaluate")
 def evaluate_command(
-    head: str = typer.Option(..., "--head", "-H", help="head to evaluate; its dataset comes from the installed plugins"),
-    root: Path = typer.Option(..., "--root", help="the dataset's folder"),
+    head: str = typer.Option(..., "--head", "-H", help="head to evaluate"),
+    root: Path = typer.Option(..., "--root", help="the folder of the dataset evaluated"),
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="installed dataset to evaluate on (default: the head's own); its labels are matched with the head's classes through mvit's diagnosis vocabulary"),
     out: Path = typer.Option(..., "--out", "-o", help="folder for metrics.json, predictions.csv and the figures (created)"),
     model_file: Optional[Path] = typer.Option(None, "--model", "-m", help="model file (default: the model bundled with mvit)"),
-    split: str = typer.Option("test", "--split", help="split to evaluate on"),
+    split: str = typer.Option("test", "--split", help="split to evaluate on (test, valid, train), or all for every image of the dataset"),
     fold: Optional[int] = typer.Option(None, "--fold", help="cross-validation fold the model held out (default: as recorded in the model file)"),
     precision: PrecisionChoice = typer.Option(PrecisionChoice.auto, "--precision", help="auto, fp32 or bf16"),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
-    """Evaluate one head on a split of its dataset, with the split settings the model was trained with; write the report."""
-    from mvit.core.evaluate import evaluate_head, split_settings
+    """Evaluate one head on a split of its dataset, or of any dataset whose labels match its classes; write the report."""
+    from mvit.core.evaluate import ALL_IMAGES, evaluate_head, split_settings
     from mvit.registry import manager
 
     model = _load_model(model_file, device)
     model.select_heads(head)
-    dataset = manager.get_head(head).dataset
+    dataset = manager.get_head(head).dataset if dataset is None else manager.get_dataset(dataset).name
     settings = split_settings(model.provenance, dataset)
+    if fold is not None and split == ALL_IMAGES:
+        raise MvitError(f"--split {ALL_IMAGES} evaluates every image, so a fold means nothing; leave out --fold")
     if fold is not None:
         trained = settings["fold"]
         recorded = dataset in (model.provenance.get("splits") or {})
@@ -414,14 +434,83 @@ def evaluate_command(
             held = "no fold (it was trained without cross-validation)" if trained is None else f"fold {trained}"
             raise MvitError(f"the model held out {held} of {dataset}, so fold {fold} holds training images; leave out --fold")
         settings["fold"] = fold
-    metrics = evaluate_head(model, head, root, out, split=split, splits=settings, precision=precision.value, batch_size=batch_size)
+    metrics = evaluate_head(
+        model, head, root, out, dataset=dataset, split=split, splits=settings, precision=precision.value, batch_size=batch_size
+    )
     for message in metrics["unreadable"]:
         _say(f"warning: left out: {message}")
+    for note in metrics["notes"]:
+        _say(f"note: {note}")
     shown = ["n", "accuracy", "balanced_accuracy", "roc_auc", "sensitivity", "specificity", "threshold",
              "ece_before_temperature", "ece_after_temperature", "brier"]
     rows = [[key, "n/a" if metrics[key] is None else f"{metrics[key]:.4g}"] for key in shown if key in metrics]
-    _print_table(f"{head} on the {split} split of {dataset} ({metrics['n']} images)", ["metric", "value"], rows)
+    columns, gate = ["metric", "value"], metrics.get("ood")
+    if gate is not None:  # a column of the same metrics on the images the out-of-distribution gate accepts
+        accepted = gate["metrics_on_accepted"] or {}
+        columns.append("on accepted")
+        for row in rows:
+            value = accepted.get({"ece_after_temperature": "ece"}.get(row[0], row[0]))
+            row.append("n/a" if value is None else f"{value:.4g}")
+    where = f"all images of {dataset}" if split == ALL_IMAGES else f"the {split} split of {dataset}"
+    unmapped = sum(metrics["left_out"].values())
+    count = f"{metrics['n']} images" + (f", {unmapped} left out as unmapped" if unmapped else "")
+    _print_table(f"{head} on {where} ({count})", columns, rows)
+    if gate is not None:
+        stdout.print(f"out-of-distribution gate ({gate['method']}): accepted {gate['accepted']} of {metrics['n']} images "
+                     f"({gate['accepted_fraction']:.1%}); the last column is measured on those", markup=False, highlight=False, soft_wrap=True)
     stdout.print(f"report written to {out}", markup=False, highlight=False, soft_wrap=True)
+
+
+class GateMethod(str, Enum):
+    knn = "knn"
+    mahalanobis = "mahalanobis"
+
+
+@app.command("calibrate")
+def calibrate_command(
+    datasets: list[str] = typer.Option(..., "--dataset", "-d", help="dataset the model was trained on; repeat for several, each with its --root"),
+    roots: list[Path] = typer.Option(..., "--root", help="the folder of each --dataset, in the same order"),
+    output_file: Path = typer.Option(..., "--output", "-o", help="model file to write (the input is left as it is unless this names it)"),
+    model_file: Optional[Path] = typer.Option(None, "--model", "-m", help="model file to add the gate to (default: the model bundled with mvit)"),
+    # the defaults are ood.DEFAULT_METHOD, DEFAULT_LAYER, DEFAULT_ACCEPT and DEFAULT_K, written out so `mvit --help` need not import torch
+    method: GateMethod = typer.Option(GateMethod.mahalanobis, "--method", help="mahalanobis: distance from the training features' mean; knn: distance to the k-th nearest training image"),
+    layer: str = typer.Option("middle", "--layer", help="feature the gate reads: middle (mean patch token halfway up the backbone), pooled (the heads' feature) or a block number"),
+    accept: float = typer.Option(0.95, "--accept", help="fraction of validation images the gate lets through; it sets the threshold"),
+    k: int = typer.Option(10, "--k", min=1, help="knn: which nearest neighbour's distance is the score"),
+    precision: PrecisionChoice = typer.Option(PrecisionChoice.auto, "--precision", help="auto, fp32 or bf16"),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="decoding processes (default: by image count and CPUs)"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="HDF5 feature cache to keep the features in, so calibrating again (another --method or --accept) skips the backbone"),
+) -> None:
+    """Fit an out-of-distribution gate onto a trained model, without retraining: training images make the reference, the validation split sets the threshold."""
+    from mvit.core import checkpoint
+    from mvit.core.ood import calibration_paths, check_options, fit_gate, resolve_layer
+
+    check_options(method.value, accept, k)
+    if len(datasets) != len(roots):
+        raise MvitError(f"give one --root per --dataset (got {len(datasets)} datasets and {len(roots)} roots), in the same order")
+    if len(set(datasets)) != len(datasets):
+        raise MvitError(f"each dataset once, please: {', '.join(datasets)}")
+    source = model_file if model_file is not None else checkpoint.bundled_model_path()
+    model = _load_model(source, device)
+    block = resolve_layer(model.backbone, layer)
+    train_paths, valid_paths = calibration_paths(model, dict(zip(datasets, roots)))
+    if model.ood_gate is not None:
+        _say(f"replacing the model's {model.ood_gate.method} gate")
+    gate = fit_gate(model, train_paths, valid_paths, method=method.value, accept=accept, k=k, layer=block, datasets=datasets,
+                    precision=precision.value, batch_size=batch_size, workers=workers, cache=cache, say=_say)
+    model.ood_gate = gate
+    checkpoint.save(model, output_file, half=checkpoint.stored_as_half(source))  # as small as the input was
+    info = gate.info
+    rows = [["method", info.method], *([["k", str(info.k)]] if info.k else []),
+            ["feature", "pooled class token" if info.layer is None else f"mean patch token after block {info.layer}"],
+            ["threshold", f"{info.threshold:.4g}"],
+            ["accepts (validation)", f"{info.quantile:.3g}"], ["training images", str(info.train_images)],
+            ["validation images", str(info.valid_images)], ["datasets", ", ".join(info.datasets)]]
+    _print_table("Out-of-distribution gate", ["", "value"], rows)
+    stdout.print(f"model with the gate written to {output_file}", markup=False, highlight=False, soft_wrap=True)
+
 
 # ---- commands: train, extract (training) ----------------------------------------------------
 

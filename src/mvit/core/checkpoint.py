@@ -16,6 +16,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from mvit.core.model import HeadInfo, Model
+from mvit.core.ood import TENSOR_PREFIX as OOD_PREFIX
+from mvit.core.ood import GateInfo, OODGate
 from mvit.core.transforms import Preprocessing
 from mvit.core.vit import VisionTransformer, ViTConfig
 from mvit.errors import ModelFileError
@@ -40,12 +42,16 @@ class ModelMetadata(BaseModel):
     preprocessing: Preprocessing
     heads: dict[str, HeadInfo]
     provenance: dict[str, Any] = {}  # mvit version, creation time, training run
+    # the out-of-distribution gate, its tensors stored as `ood.*`; None (and absent in older files): no gate
+    ood_gate: Optional[GateInfo] = None
 
 
 def save(model: Model, path: Union[str, Path], *, half: bool = False, provenance: Optional[dict] = None) -> Path:
     """Write `model` to `path` (atomically: a crash never leaves a half-written model file).
 
     `half=True` stores tensors as float16 (half the size; they are widened to float32 on load).
+    The out-of-distribution gate, if any, is saved too (its bank always as float16, its
+    Mahalanobis statistics always as float32, whatever `half` says).
     """
     from safetensors.torch import save_file
 
@@ -63,11 +69,14 @@ def save(model: Model, path: Union[str, Path], *, half: bool = False, provenance
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             **(provenance or {}),
         },
+        ood_gate=None if model.ood_gate is None else model.ood_gate.info,
     )
     tensors = {}
     for name, tensor in model.state_dict().items():
         tensor = tensor.detach().to("cpu")
         tensors[name] = (tensor.half() if half and tensor.is_floating_point() else tensor).contiguous()
+    if model.ood_gate is not None:
+        tensors.update(model.ood_gate.tensors_to_save())  # `ood.*`: never a state_dict name
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     save_file(tensors, str(partial), metadata={METADATA_KEY: metadata.model_dump_json()})
@@ -124,6 +133,16 @@ def load(path: Union[str, Path, None] = None, *, device: Union[str, torch.device
         tensors = load_file(str(path))
     except Exception as error:
         raise ModelFileError(f"{path} is damaged: its tensors cannot be read ({_first_line(error)})") from None
+    if metadata.ood_gate is not None:
+        gate_tensors = {name[len(OOD_PREFIX):]: tensors.pop(name) for name in list(tensors) if name.startswith(OOD_PREFIX)}
+        try:
+            model.ood_gate = OODGate(metadata.ood_gate, gate_tensors)
+            if model.ood_gate.dim != model.backbone.width:
+                raise ValueError(f"it scores {model.ood_gate.dim}-wide features, the backbone gives {model.backbone.width}")
+            if metadata.ood_gate.layer is not None and metadata.ood_gate.layer >= metadata.backbone.depth:
+                raise ValueError(f"it reads block {metadata.ood_gate.layer}, but a tap goes after block 1 to {metadata.backbone.depth - 1}")
+        except ValueError as error:
+            raise ModelFileError(f"{path} has a damaged out-of-distribution gate: {error}") from None
     expected = model.state_dict()
     problems = [f"missing {name}" for name in expected if name not in tensors]
     problems += [f"unexpected {name}" for name in tensors if name not in expected]
@@ -136,6 +155,15 @@ def load(path: Union[str, Path, None] = None, *, device: Union[str, torch.device
         raise ModelFileError(f"{path} does not fit the model its metadata describes: " + "; ".join(problems[:5]))
     model.load_state_dict({name: tensor.to(expected[name].dtype) for name, tensor in tensors.items()})
     return model.to(device).eval()
+
+
+def stored_as_half(path: Union[str, Path]) -> bool:
+    """Whether the model file holds its backbone as float16 (written with `save(..., half=True)`)."""
+    from safetensors import safe_open
+
+    with safe_open(str(_existing(path)), framework="pt") as file:
+        name = next((name for name in file.keys() if name.startswith("backbone.")), None)
+        return name is not None and file.get_slice(name).get_dtype() == "F16"
 
 
 def bundled_model_path() -> Path:

@@ -222,31 +222,121 @@ def split_settings(provenance: dict[str, Any], dataset: str) -> dict[str, Any]:
     }
 
 
+ALL_IMAGES = "all"  # the split name meaning every image of the dataset
+
+
+@dataclass(frozen=True)
+class EvaluationSet:
+    """The images a head is scored on, each with its class index, and what was left out on the way."""
+
+    head: str
+    dataset: str
+    split: str  # a split of the dataset, or ALL_IMAGES
+    settings: Optional[dict[str, Any]]  # the split settings used; None for ALL_IMAGES
+    items: list[tuple[Any, int]]  # (Sample, index of its class in the head)
+    label_map: dict[str, Optional[str]]  # the dataset's label -> the head's class; None: left out
+    left_out: dict[str, int]  # label -> images of the split left out because the head has no class for it
+
+
+def evaluation_set(
+    head: str, dataset: str, root: Union[str, Path], split: str = "test", splits: Optional[dict[str, Any]] = None
+) -> EvaluationSet:
+    """The images of `split` (`all`: every image) of `dataset` at `root` that `head` can be scored on.
+
+    On the head's own dataset its `label_map` gives each image's class, as in training. On any other
+    dataset the diagnosis vocabulary does (`mvit.registry.diagnoses.bridge_label_map`): images whose
+    label matches no single class of the head are left out and counted, and a dataset none of whose
+    labels match is a ConfigError. splits: {"seed", "fold", "folds", "fractions"} for a named split
+    (default: the training defaults); `all` ignores them and leaves out augmented copies, which
+    duplicate other images of the dataset.
+    """
+    from collections import Counter
+
+    from mvit.registry import manager
+    from mvit.registry.diagnoses import bridge_label_map
+    from mvit.registry.records import load_samples
+    from mvit.registry.splits import samples_for
+
+    spec, data = manager.get_head(head), manager.get_dataset(dataset)
+    label_map = bridge_label_map(spec, manager.get_dataset(spec.dataset), data)
+    if split == ALL_IMAGES:
+        settings = None
+        samples = [sample for sample in load_samples(dataset, root) if not sample.meta.get("augmented")]
+    elif split in data.splits:
+        settings = dict(splits or {})
+        samples = samples_for(dataset, root, split, **settings)
+    else:
+        raise ConfigError(f"{dataset} has no split {split!r}; choose {ALL_IMAGES} or one of {', '.join(data.splits)}")
+    items, left_out = [], Counter()
+    for sample in samples:
+        cls = label_map.get(sample.label)
+        if cls is None:
+            left_out[sample.label] += 1
+        else:
+            items.append((sample, spec.classes.index(cls)))
+    if not items:
+        where = f"{dataset} at {root}" if split == ALL_IMAGES else f"the {split} split of {dataset} at {root}"
+        raise ConfigError(f"{where} has no images for head {head}" + (f" (left out: {_counts(left_out)})" if left_out else ""))
+    return EvaluationSet(head, dataset, split, settings, items, label_map, dict(sorted(left_out.items())))
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{count} {label}" for label, count in sorted(counts.items()))
+
+
+def _notes(metrics: dict[str, Any], provenance: dict[str, Any]) -> list[str]:
+    """A sentence for each thing that changes how the report reads: images left out, classes
+    without images, images the model may have learned from."""
+    from mvit.registry import manager
+
+    head, dataset, split = metrics["head"], metrics["dataset"], metrics["split"]
+    notes = []
+    if metrics["left_out"]:
+        notes.append(
+            f"left out {sum(metrics['left_out'].values())} images whose label has no counterpart among the classes "
+            f"of head {head}: {_counts(metrics['left_out'])}"
+        )
+    if metrics["classes_without_images"]:
+        notes.append(
+            f"no image evaluated here is of class {', '.join(metrics['classes_without_images'])} of head {head}, "
+            f"so its recall and the ROC AUC are not measured"
+        )
+    if dataset in (provenance.get("splits") or {}) and split in (ALL_IMAGES, manager.get_dataset(dataset).splits[0]):
+        what = "all its images include" if split == ALL_IMAGES else "its training split holds"
+        notes.append(
+            f"the model file records training on {dataset}, so {what} images the model learned from "
+            f"(the backbone or some head); --split test scores held-out images only"
+        )
+    return notes
+
+
 def evaluate_head(
     model: Model,
     head: str,
     root: Union[str, Path],
     out: Union[str, Path],
     *,
+    dataset: Optional[str] = None,
     split: str = "test",
     splits: Optional[dict[str, Any]] = None,
     precision: str = "auto",
     batch_size: int = 32,
     workers: Optional[int] = None,
 ) -> dict[str, Any]:
-    """Run `head` over one split of its dataset at `root` and write the report to `out`.
+    """Run `head` over one split (`all`: every image) of a dataset at `root`; write the report to `out`.
 
-    The dataset and the label -> class mapping come from the head's spec in the installed plugins.
+    dataset: the installed dataset to score on; default the head's own. On its own dataset the head's
+    spec maps labels to classes; on another, the diagnosis vocabulary does, and images whose label
+    has no counterpart among the head's classes are left out and counted (`evaluation_set`).
     splits: {"seed", "fold", "folds", "fractions"}, which must be those of training; default: what
-    the model file recorded (`split_settings(model.provenance, dataset)`).
+    the model file recorded for that dataset (`split_settings(model.provenance, dataset)`).
     Writes metrics.json (returned as a dict), predictions.csv and four PNG figures. Images that
-    cannot be decoded are left out and listed under "unreadable" in metrics.json. workers: decoding
-    processes (default: by image count and CPUs).
+    cannot be decoded are left out and listed under "unreadable" in metrics.json; "notes" holds a
+    sentence for each thing a reader should know (labels left out, classes without images, images
+    the model may have trained on). workers: decoding processes (default: by image count and CPUs).
     """
     from mvit.core import figures
     from mvit.registry import manager
-    from mvit.registry.records import head_targets
-    from mvit.registry.splits import samples_for
 
     model.select_heads(head)
     info = model.heads[head]
@@ -256,22 +346,23 @@ def evaluate_head(
             f"the model's head {head} predicts {', '.join(info.classes)}, but the installed plugin's head {head} "
             f"has classes {', '.join(spec.classes)}; install the plugin version the model was trained with"
         )
-    splits = split_settings(model.provenance, spec.dataset) if splits is None else splits
-    samples = samples_for(spec.dataset, root, split, **splits)
-    items = head_targets(spec, samples)
-    if not items:
-        raise ConfigError(f"the {split} split of {spec.dataset} at {root} has no images for head {head}")
+    dataset = spec.dataset if dataset is None else dataset
+    splits = split_settings(model.provenance, dataset) if splits is None and split != ALL_IMAGES else splits
+    chosen = evaluation_set(head, dataset, root, split, splits)
+    items = chosen.items
     paths = [sample.path for sample, _ in items]
     workers = default_workers(len(paths), batch_size, next(model.parameters()).device) if workers is None else workers
 
-    rows, logits, unreadable = [], [], []
+    rows, logits, unreadable, ood_scores = [], [], [], []
     for batch in logits_stream(model, paths, [head], precision=precision, batch_size=batch_size, workers=workers):
         unreadable += [batch.errors[index] for index in sorted(batch.errors)]
         rows += batch.indices
         if batch.indices:
             logits.append(batch.logits[head])
+            if batch.ood_scores is not None:
+                ood_scores.append(batch.ood_scores)  # (b,): the model has an out-of-distribution gate
     if not rows:
-        raise MvitError(f"none of the {len(paths)} images of the {split} split could be read; run `mvit data check {spec.dataset} --root {root}`")
+        raise MvitError(f"none of the {len(paths)} images of the {split} split could be read; run `mvit data check {dataset} --root {root}`")
     logits_all = torch.cat(logits)  # (N, K)
     targets = np.array([items[index][1] for index in rows])  # (N,)
     raw = logits_all.softmax(dim=-1).numpy()
@@ -281,18 +372,26 @@ def evaluate_head(
     metrics = classification_metrics(probabilities, targets, info.classes, positive, info.threshold)
     metrics = {
         "head": head,
-        "dataset": spec.dataset,
+        "dataset": dataset,
+        "head_dataset": spec.dataset,  # the dataset the head was trained on
         "classes": list(info.classes),
         "positive": positive,
         "root": str(root),
         "split": split,
-        "split_settings": dict(splits),
+        "split_settings": chosen.settings,
+        "label_map": chosen.label_map,
+        "left_out": chosen.left_out,
+        "classes_without_images": [name for index, name in enumerate(info.classes) if not np.any(targets == index)],
         "temperature": info.temperature,
         "ece_before_temperature": expected_calibration_error(raw, targets),
         "ece_after_temperature": metrics["ece"],
         **metrics,
         "unreadable": unreadable,
     }
+    metrics["notes"] = _notes(metrics, model.provenance)
+    scores = torch.cat(ood_scores).numpy() if ood_scores else None  # (N,), with a gate
+    if scores is not None:
+        metrics["ood"] = ood_report(model.ood_gate, scores, probabilities, targets, info.classes, positive, info.threshold)
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -300,10 +399,12 @@ def evaluate_head(
     predicted = decide(probabilities, _positive_index(info.classes, positive), metrics.get("threshold"))
     with open(out / "predictions.csv", "w", newline="") as file:
         writer = csv.writer(file)
-        writer.writerow(["image", "true", "predicted", "correct", *(f"p_{name}" for name in info.classes)])
+        gate_columns = ["ood_score", "in_distribution"] if scores is not None else []  # only with a gate
+        writer.writerow(["image", "true", "predicted", "correct", *(f"p_{name}" for name in info.classes), *gate_columns])
         for row, index in enumerate(rows):
             true, guess = info.classes[targets[row]], info.classes[predicted[row]]
-            writer.writerow([str(paths[index]), true, guess, int(true == guess), *(f"{p:.6f}" for p in probabilities[row])])
+            verdict = [] if scores is None else [f"{scores[row]:.6g}", int(model.ood_gate.accepts(torch.tensor(scores[row])))]
+            writer.writerow([str(paths[index]), true, guess, int(true == guess), *(f"{p:.6f}" for p in probabilities[row]), *verdict])
 
     figures.confusion_matrix_figure(metrics["confusion_matrix"], info.classes, out / "confusion_matrix.png")
     operating_point = None
@@ -317,3 +418,26 @@ def evaluate_head(
         reliability_bins(raw, targets), reliability_bins(probabilities, targets), out / "reliability.png", temperature=info.temperature
     )
     return metrics
+
+
+def ood_report(
+    gate,
+    scores: np.ndarray,
+    probabilities: np.ndarray,
+    targets: np.ndarray,
+    classes: Sequence[str],
+    positive: Optional[str] = None,
+    threshold: Optional[float] = None,
+) -> dict[str, Any]:
+    """What the out-of-distribution gate does to an evaluation: how many images it accepts
+    (scores (N,) at most its threshold), and the metrics on those images alone (None if it accepts none)."""
+    accepted = gate.accepts(torch.from_numpy(np.asarray(scores, dtype=np.float32))).numpy()  # (N,) bool
+    return {
+        "method": gate.method,
+        "threshold": gate.threshold,
+        "accepted": int(accepted.sum()),
+        "accepted_fraction": float(accepted.mean()),
+        "metrics_on_accepted": (
+            classification_metrics(probabilities[accepted], targets[accepted], classes, positive, threshold) if accepted.any() else None
+        ),
+    }

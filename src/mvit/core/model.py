@@ -15,6 +15,7 @@ from mvit.errors import MvitError
 from mvit.registry.specs import NAME_PATTERN, HeadConfig, HeadSpec
 
 if TYPE_CHECKING:  # pragma: no cover
+    from mvit.core.ood import OODGate
     from mvit.core.predict import ImageInput, Prediction
 
 
@@ -65,6 +66,9 @@ class Model(nn.Module):
         self.classifiers = nn.ModuleDict()
         self._head_info: dict[str, HeadInfo] = {}
         self.provenance: dict = {}  # where the model came from: training runs, data splits; kept on save
+        # the out-of-distribution gate on a backbone feature (None: no gate; see ood.py). A plain
+        # object, so its tensors are saved by checkpoint.save but are not in state_dict()
+        self.ood_gate: Optional["OODGate"] = None
 
     # ---- heads ------------------------------------------------------------------------------
 

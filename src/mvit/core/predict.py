@@ -4,6 +4,9 @@ any number of heads, calibrated probabilities and each binary head's operating t
 `predict` is the API (`model.predict`); `predict_stream` is what the CLI runs over any number of
 files: it yields one result per input in input order, a failure included, with memory bounded by
 the batch size and the loader's prefetch, never by the number of files.
+
+A model with an out-of-distribution gate (`model.ood_gate`, see `ood.py`) also scores every image's
+backbone feature, from the same backbone pass, and can abstain: label `unknown` on every head.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ HeadSelection = Union[None, str, Iterable[str]]
 
 DEFAULT_BATCH_SIZE = 32
 PRECISIONS = ("auto", "fp32", "bf16")
+UNKNOWN = "unknown"  # the label of every head for an image the gate flags, when abstaining
 
 
 @dataclass(frozen=True)
@@ -42,11 +46,14 @@ class Prediction:
     label: str  # the decided class: thresholded for a binary head, the most probable class otherwise
     probabilities: Mapping[str, float]  # class name -> probability, calibrated by the head's temperature
     threshold: Optional[float]  # binary heads: the positive-class probability needed to predict it
+    # the out-of-distribution gate's verdict on the image (the same on every head); None without a gate
+    ood_score: Optional[float] = None  # higher = less like the training images
+    in_distribution: Optional[bool] = None  # ood_score <= the gate's threshold
 
     @property
-    def probability(self) -> float:
-        """The probability of the decided label."""
-        return self.probabilities[self.label]
+    def probability(self) -> Optional[float]:
+        """The probability of the decided label; None when the label is `unknown` (abstained)."""
+        return self.probabilities.get(self.label)
 
     def as_dict(self) -> dict:
         return {**asdict(self), "probabilities": dict(self.probabilities)}
@@ -68,6 +75,7 @@ class LogitsBatch:
     indices: list[int]  # positions in the input list, one per logits row
     logits: dict[str, Tensor]  # head -> (b, K) float32 on the CPU
     errors: dict[int, str]  # input position -> what is wrong with it
+    ood_scores: Optional[Tensor] = None  # (b,) float32 on the CPU, when the model has a gate
 
 
 # ---- decoding ---------------------------------------------------------------------------------------
@@ -124,34 +132,46 @@ def _check_precision(precision: str) -> None:
         raise ConfigError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
 
 
-def head_logits(model: Model, images: Tensor, heads: list[str], *, tta: bool, dtype: Optional[torch.dtype]) -> dict[str, Tensor]:
-    """Normalised images (B, 3, S, S) -> {head: float32 logits (B, K)} from one backbone pass.
+def forward_images(
+    model: Model, images: Tensor, heads: list[str], *, tta: bool, dtype: Optional[torch.dtype]
+) -> tuple[dict[str, Tensor], Optional[Tensor]]:
+    """Normalised images (B, 3, S, S) -> ({head: float32 logits (B, K)}, gate scores (B,) or None),
+    both on the CPU, from one backbone pass.
 
     Flip test-time augmentation runs the four flips of each image (a lesion has no "up" or "left")
-    in the same pass and averages their logits.
+    in the same pass and averages their logits. The gate scores the un-flipped image's feature only:
+    its threshold was chosen on un-flipped features, and a mean of four flipped features is pulled
+    towards the centre of the feature cloud, so it would be scored against the wrong threshold.
+    The score is then the same with and without `tta`.
     """
     B = images.shape[0]
     if tta:
         # (4B, 3, S, S): original, left-right, up-down, both
         images = torch.cat([images, images.flip(-1), images.flip(-2), images.flip(-1, -2)])
-    with torch.inference_mode(), autocast(images.device, dtype):
-        logits = model(images, heads)
-    return {name: value.float().reshape(-1, B, value.shape[-1]).mean(0).cpu() for name, value in logits.items()}
+    gate = model.ood_gate
+    with torch.inference_mode():
+        with autocast(images.device, dtype):
+            if gate is None:
+                features = model.backbone(images)  # (B or 4B, D)
+            else:  # the same pass, also yielding the feature the gate reads (B or 4B, D)
+                features, looked_at = gate.features(model.backbone, images)
+            logits = model.head_logits(features, heads)
+        # float32, outside autocast: a bfloat16 distance would blur scores near the threshold
+        scores = None if gate is None else gate.score(looked_at[:B].float()).cpu()
+    return {name: value.float().reshape(-1, B, value.shape[-1]).mean(0).cpu() for name, value in logits.items()}, scores
 
 
-def logits_stream(
+def image_batches(
     model: Model,
     items: Sequence[SingleImage],
-    heads: HeadSelection = None,
     *,
-    tta: bool = False,
     precision: Precision = "auto",
     batch_size: int = DEFAULT_BATCH_SIZE,
     workers: int = 0,
-) -> Iterator[LogitsBatch]:
-    """Raw logits batch by batch, in input order, decoding in `workers` processes ahead of the model."""
+) -> Iterator[tuple[list[int], Optional[Tensor], dict[int, str], Optional[torch.dtype]]]:
+    """Decoded batches in input order, decoding in `workers` processes ahead of the model: (positions,
+    normalised images (b, 3, S, S) on the model's device or None, errors, autocast dtype)."""
     _check_precision(precision)
-    names = model.select_heads(heads)
     device = next(model.parameters()).device
     dtype = autocast_dtype(precision, device)
     model.eval()
@@ -164,8 +184,24 @@ def logits_stream(
         prefetch_factor=2 if workers else None,  # bounded read-ahead: memory does not grow with the file count
     )
     for indices, images, errors in loader:
-        logits = {} if images is None else head_logits(model, images.to(device, non_blocking=True), names, tta=tta, dtype=dtype)
-        yield LogitsBatch(indices, logits, errors)
+        yield indices, None if images is None else images.to(device, non_blocking=True), errors, dtype
+
+
+def logits_stream(
+    model: Model,
+    items: Sequence[SingleImage],
+    heads: HeadSelection = None,
+    *,
+    tta: bool = False,
+    precision: Precision = "auto",
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    workers: int = 0,
+) -> Iterator[LogitsBatch]:
+    """Raw logits (and gate scores) batch by batch, in input order."""
+    names = model.select_heads(heads)
+    for indices, images, errors, dtype in image_batches(model, items, precision=precision, batch_size=batch_size, workers=workers):
+        logits, scores = ({}, None) if images is None else forward_images(model, images, names, tta=tta, dtype=dtype)
+        yield LogitsBatch(indices, logits, errors, scores)
 
 
 # ---- decisions ------------------------------------------------------------------------------------------
@@ -202,9 +238,16 @@ def thresholds_for(model: Model, heads: list[str], override: Optional[float]) ->
     return chosen
 
 
-def _predictions(model: Model, batch: LogitsBatch, ids: Sequence[Union[str, int]], thresholds: dict[str, Optional[float]]) -> dict[int, list[Prediction]]:
+def _predictions(
+    model: Model, batch: LogitsBatch, ids: Sequence[Union[str, int]], thresholds: dict[str, Optional[float]], abstain: bool = False
+) -> dict[int, list[Prediction]]:
     """Input position -> its predictions, one per head, for the decoded inputs of a batch."""
     found: dict[int, list[Prediction]] = {index: [] for index in batch.indices}
+    scores: list[Optional[float]] = [None] * len(batch.indices)
+    accepted: list[Optional[bool]] = [None] * len(batch.indices)
+    if batch.ood_scores is not None:
+        scores = batch.ood_scores.tolist()
+        accepted = model.ood_gate.accepts(batch.ood_scores).tolist()
     for name, logits in batch.logits.items():
         info = model.heads[name]
         probabilities = calibrated(logits, info).numpy()  # (b, K)
@@ -215,9 +258,11 @@ def _predictions(model: Model, batch: LogitsBatch, ids: Sequence[Union[str, int]
                 Prediction(
                     image=ids[index],
                     head=name,
-                    label=info.classes[decided[row]],
+                    label=UNKNOWN if abstain and accepted[row] is False else info.classes[decided[row]],
                     probabilities=dict(zip(info.classes, probabilities[row].tolist())),
                     threshold=thresholds[name],
+                    ood_score=scores[row],
+                    in_distribution=accepted[row],
                 )
             )
     return found
@@ -236,14 +281,29 @@ def predict_stream(
     precision: Precision = "auto",
     batch_size: int = DEFAULT_BATCH_SIZE,
     workers: int = 0,
+    abstain: bool = False,
 ) -> Iterator[ImageResult]:
-    """One `ImageResult` per input, in input order; a file that fails is reported and the rest go on."""
+    """One `ImageResult` per input, in input order; a file that fails is reported and the rest go on.
+
+    abstain: an image the model's out-of-distribution gate flags gets the label `unknown` on every
+    head (its probabilities are still reported); needs a model with a gate. A wrong head, threshold
+    or option raises here, before any image is read.
+    """
     names = model.select_heads(head)
     thresholds = thresholds_for(model, names, threshold)
+    if abstain and model.ood_gate is None:
+        raise ConfigError(
+            "abstaining needs a model with an out-of-distribution gate, and this one has none; "
+            "fit one with `mvit calibrate`, or leave out --abstain"
+        )
     ids = [image_id(item, index) for index, item in enumerate(items)]
     stream = logits_stream(model, items, names, tta=tta, precision=precision, batch_size=batch_size, workers=workers)
+    return _results(model, stream, ids, thresholds, abstain)
+
+
+def _results(model: Model, stream: Iterator[LogitsBatch], ids: list, thresholds: dict, abstain: bool) -> Iterator[ImageResult]:
     for batch in stream:
-        found = _predictions(model, batch, ids, thresholds)
+        found = _predictions(model, batch, ids, thresholds, abstain)
         for index in sorted([*found, *batch.errors]):
             if index in batch.errors:
                 yield ImageResult(ids[index], error=batch.errors[index])
@@ -262,6 +322,7 @@ def predict(
     batch_size: int = DEFAULT_BATCH_SIZE,
     device: Union[None, str, torch.device] = None,
     workers: int = 0,
+    abstain: bool = False,
 ) -> list[Prediction]:
     """Predictions for one image or many, image by image and, within an image, head by head.
 
@@ -269,6 +330,7 @@ def predict(
     (N, H, W, C) array or (N, C, H, W) tensor is N images). head: a name, a list of names (one
     backbone pass for all), or None / "all" for every head. threshold: overrides the stored
     threshold of the binary heads. device: moves the model there (default: where it is).
+    abstain: label `unknown` on every head for an image the model's out-of-distribution gate flags.
     Raises `ImageError` naming the first input that cannot be read.
     """
     if device is not None:
@@ -278,7 +340,8 @@ def predict(
         raise MvitError("no images to predict; pass a path, PIL image, array or tensor, or a list of them")
     predictions: list[Prediction] = []
     for result in predict_stream(
-        model, items, head, threshold=threshold, tta=tta, precision=precision, batch_size=batch_size, workers=workers
+        model, items, head, threshold=threshold, tta=tta, precision=precision, batch_size=batch_size, workers=workers,
+        abstain=abstain,
     ):
         if result.error is not None:
             raise ImageError(result.error if isinstance(result.image, str) else f"image {result.image}: {result.error}")

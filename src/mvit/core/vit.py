@@ -285,6 +285,22 @@ class VisionTransformer(nn.Module):
             x = block(x, in_place)
         return self.final_norm(self.blocks[-1].forward_class_token(x))[:, 0]
 
+    def forward_with_tap(self, images: Tensor, block: int) -> tuple[Tensor, Tensor]:
+        """(B, C, H, W) -> (the pooled class token (B, D), the mean patch token after block `block` (B, D)).
+
+        One pass: `forward` plus a mean. `block` counts from 1 and stops short of the last block,
+        which computes the class token only. The out-of-distribution gate reads the tap.
+        """
+        if not 1 <= block < len(self.blocks):
+            raise ValueError(f"a tap goes after block 1 to {len(self.blocks) - 1} of this backbone, not {block}")
+        x = self.embed(images)
+        in_place = self._inference()
+        for index, layer in enumerate(self.blocks[:-1], start=1):
+            x = layer(x, in_place)
+            if index == block:
+                tapped = x[:, 1:].mean(dim=1)  # (B, T-1, D) -> (B, D); a new tensor, safe from in-place blocks
+        return self.final_norm(self.blocks[-1].forward_class_token(x))[:, 0], tapped
+
     def forward_with_attention(self, images: Tensor) -> tuple[Tensor, list[Tensor]]:
         """Tokens (B, T, D) and every layer's attention probabilities, depth x (B, h, T, T)."""
         x = self.embed(images)

@@ -1,0 +1,356 @@
+"""The out-of-distribution gate: does an image look like the dermoscopy the model was trained on?
+
+A head's softmax is confident about anything, a photograph of a cat included. The gate scores how
+unusual an image's backbone feature is against the training images' features, and flags the image
+when the score is above a threshold chosen on the validation split, so that `accept` (default 0.95)
+of in-distribution validation images pass. Higher score = more unusual.
+
+Which feature (`layer`): None reads the pooled class token the heads read; N reads the mean patch
+token after block N, tapped from the same backbone pass. Lower layers describe colour and texture,
+which is what tells a photograph or a screenshot from dermoscopy; the pooled token describes the
+lesion, and a weak backbone maps a temple photograph close to a naevus there (docs/prediction.md
+has the measurements). Two scores, picked by `method`:
+
+- `knn` (Sun et al., 2022, "Out-of-distribution detection with deep nearest neighbors"): the cosine
+  distance from the L2-normalised feature to its k-th nearest L2-normalised training feature. The
+  bank of normalised training features is stored, float16, in the model file.
+- `mahalanobis` (after Lee et al., 2018, class-agnostic): the Mahalanobis distance of the feature
+  from the training features' mean, under their Ledoit-Wolf shrunk covariance.
+
+The gate is a plain object, not an `nn.Module`, so its tensors stay out of `Model.state_dict()` (the
+training checkpoints, the feature cache's fingerprint); `checkpoint.save` writes them under `ood.`
+and its description (`GateInfo`) in the metadata.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Literal, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+from mvit.errors import ConfigError, MvitError
+
+METHODS = ("knn", "mahalanobis")
+# chosen by measurement: see docs/prediction.md, "Out-of-distribution gate"
+DEFAULT_METHOD = "mahalanobis"
+DEFAULT_LAYER = "middle"  # the block halfway up the backbone; "pooled" (None) is the heads' feature
+DEFAULT_K = 10
+DEFAULT_ACCEPT = 0.95
+TENSOR_PREFIX = "ood."
+_TENSORS = {"knn": ("bank",), "mahalanobis": ("mean", "precision")}
+_CHUNK = 1024  # feature rows scored at once: keeps the (rows, bank) similarity matrix small
+
+
+class GateInfo(BaseModel):
+    """What the gate is and what it was fitted on. Stored in the model file's metadata."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["knn", "mahalanobis"]
+    threshold: float  # an image is in distribution when its score is at most this
+    quantile: float = Field(gt=0, le=1)  # the fraction of validation images the threshold accepts
+    k: Optional[int] = Field(default=None, ge=1)  # knn: which nearest neighbour's distance is the score
+    layer: Optional[int] = Field(default=None, ge=1)  # None: the pooled class token; N: mean patch token after block N
+    train_images: int  # images whose features fitted the bank or the mean and covariance
+    valid_images: int  # images whose scores chose the threshold
+    datasets: list[str] = Field(default_factory=list)
+
+
+class OODGate:
+    """A fitted gate: `score` features, `accepts` scores."""
+
+    def __init__(self, info: GateInfo, tensors: Mapping[str, Tensor]):
+        wanted = _TENSORS[info.method]
+        if sorted(tensors) != sorted(wanted):
+            raise ValueError(f"a {info.method} gate needs tensors {', '.join(wanted)}, got {', '.join(tensors) or 'none'}")
+        self.info = info
+        # float32 in memory; the knn bank holds float16 values, so saving it as float16 loses nothing
+        self.tensors = {name: tensor.detach().float() for name, tensor in tensors.items()}
+        if info.method == "knn" and (self.tensors["bank"].ndim != 2 or len(self.tensors["bank"]) == 0):
+            raise ValueError(f"the knn bank must be (N, D) with N > 0, got {tuple(self.tensors['bank'].shape)}")
+        if info.method == "mahalanobis":
+            (D,) = self.tensors["mean"].shape
+            if self.tensors["precision"].shape != (D, D):
+                raise ValueError(f"the precision matrix must be ({D}, {D}), got {tuple(self.tensors['precision'].shape)}")
+
+    @property
+    def method(self) -> str:
+        return self.info.method
+
+    @property
+    def threshold(self) -> float:
+        return self.info.threshold
+
+    @property
+    def dim(self) -> int:
+        return self.tensors["bank" if self.method == "knn" else "mean"].shape[-1]
+
+    def score(self, features: Tensor) -> Tensor:
+        """The gate's features (B, D) (see `features`) -> scores (B,) float32 on the features' device;
+        higher = more unusual."""
+        if features.ndim != 2 or features.shape[1] != self.dim:
+            raise ValueError(f"the gate scores features (B, {self.dim}), got {tuple(features.shape)}")
+        features = features.float()
+        if self.method == "knn":
+            return knn_scores(features, self._on("bank", features.device), self.info.k or DEFAULT_K)
+        return mahalanobis_scores(features, self._on("mean", features.device), self._on("precision", features.device))
+
+    def features(self, backbone, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Normalised images (B, 3, S, S) -> (pooled features (B, D) for the heads, the gate's features
+        (B, D)), from one backbone pass."""
+        return backbone_pass(backbone, images, self.info.layer)
+
+    def accepts(self, scores: Tensor) -> Tensor:
+        """Scores (B,) -> (B,) bool: True for an image that looks in distribution."""
+        return scores <= self.threshold
+
+    def tensors_to_save(self) -> dict[str, Tensor]:
+        """The tensors for the model file, named `ood.<name>` (the knn bank as float16)."""
+        return {
+            TENSOR_PREFIX + name: (tensor.half() if name == "bank" else tensor).to("cpu").contiguous()
+            for name, tensor in self.tensors.items()
+        }
+
+    def _on(self, name: str, device: torch.device) -> Tensor:
+        """A stored tensor on `device`, moved there once (the gate follows the features, not `model.to`)."""
+        if self.tensors[name].device != device:
+            self.tensors[name] = self.tensors[name].to(device)
+        return self.tensors[name]
+
+    def __repr__(self) -> str:
+        return f"OODGate({self.info!r})"
+
+
+# ---- the features and the scores -----------------------------------------------------------------
+
+
+def backbone_pass(backbone, images: Tensor, layer: Optional[int]) -> tuple[Tensor, Tensor]:
+    """Images (B, 3, S, S) -> (pooled class token (B, D), the feature `layer` names (B, D)), one pass."""
+    if layer is None:
+        pooled = backbone(images)
+        return pooled, pooled
+    return backbone.forward_with_tap(images, layer)
+
+
+def resolve_layer(backbone, layer: Union[None, int, str]) -> Optional[int]:
+    """"pooled" or None -> None; "middle" -> the block halfway up; a number (or its text) -> that block."""
+    depth = len(backbone.blocks)
+    if layer is None or layer == "pooled":
+        return None
+    if layer == "middle":
+        return depth // 2 if depth >= 2 else None  # a one-block backbone has nothing in the middle
+    try:
+        block = int(layer)
+    except ValueError:
+        raise ConfigError(f"the gate's layer is pooled, middle or a block number, not {layer!r}") from None
+    if not 1 <= block < depth:
+        raise ConfigError(f"the gate's layer must be a block from 1 to {depth - 1} of this {depth}-block backbone, got {block}")
+    return block
+
+
+def knn_scores(features: Tensor, bank: Tensor, k: int) -> Tensor:
+    """Features (B, D), L2-normalised bank (N, D) -> cosine distance to the k-th nearest neighbour (B,)."""
+    k = min(k, len(bank))
+    scores = []
+    for chunk in features.split(_CHUNK):
+        similarity = F.normalize(chunk, dim=1) @ bank.T  # (b, N): cosine similarity, one matmul
+        kth = similarity.topk(k, dim=1).values[:, -1]  # (b,)
+        scores.append(1.0 - kth)
+    return torch.cat(scores) if scores else features.new_empty(0)
+
+
+def mahalanobis_scores(features: Tensor, mean: Tensor, precision: Tensor) -> Tensor:
+    """Features (B, D), mean (D,), precision (D, D) -> Mahalanobis distance (B,)."""
+    centred = features - mean  # (B, D)
+    squared = ((centred @ precision) * centred).sum(dim=1)  # (B,)
+    return squared.clamp_min(0).sqrt()
+
+
+def fit_tensors(train_features: Tensor, method: str) -> dict[str, Tensor]:
+    """Training features (N, D) -> the tensors of a `method` gate."""
+    if method == "knn":
+        # rounded to float16 now, so the threshold is chosen with exactly the bank the file will hold
+        return {"bank": F.normalize(train_features.float(), dim=1).half().float()}  # (N, D)
+    from sklearn.covariance import LedoitWolf
+
+    estimate = LedoitWolf().fit(train_features.double().numpy())  # shrinkage keeps a D > N covariance invertible
+    return {
+        "mean": torch.from_numpy(estimate.location_).float(),  # (D,)
+        "precision": torch.from_numpy(estimate.precision_).float(),  # (D, D)
+    }
+
+
+def fit_gate_on_features(
+    train_features: Tensor,
+    valid_features: Tensor,
+    *,
+    method: str = DEFAULT_METHOD,
+    accept: float = DEFAULT_ACCEPT,
+    k: int = DEFAULT_K,
+    datasets: Sequence[str] = (),
+    layer: Optional[int] = None,
+) -> OODGate:
+    """A gate from training features (N, D) and a threshold that accepts `accept` of validation features (M, D).
+
+    layer: which feature these are (None: pooled; N: mean patch token after block N), recorded so
+    prediction computes the same one."""
+    check_options(method, accept, k)
+    if len(train_features) < 2 or len(valid_features) == 0:
+        raise MvitError(
+            f"an out-of-distribution gate needs at least 2 training and 1 validation image, "
+            f"got {len(train_features)} and {len(valid_features)}"
+        )
+    info = GateInfo(method=method, threshold=0.0, quantile=accept, k=k if method == "knn" else None, layer=layer,
+                    train_images=len(train_features), valid_images=len(valid_features), datasets=list(datasets))
+    gate = OODGate(info, fit_tensors(train_features.cpu(), method))
+    scores = gate.score(valid_features.cpu()).numpy()  # (M,)
+    # "higher": the threshold is one of the scores, and at least `accept` of them are <= it
+    threshold = float(np.quantile(scores, accept, method="higher"))
+    gate.info = info.model_copy(update={"threshold": threshold})
+    return gate
+
+
+def check_options(method: str, accept: float, k: int) -> None:
+    if method not in METHODS:
+        raise ConfigError(f"unknown out-of-distribution method {method!r}; choose one of {', '.join(METHODS)}")
+    if not 0 < accept <= 1:
+        raise ConfigError(f"--accept is the fraction of validation images to accept, between 0 and 1; got {accept}")
+    if k < 1:
+        raise ConfigError(f"k must be at least 1, got {k}")
+
+
+# ---- features and fitting from images --------------------------------------------------------------
+
+
+def pooled_features(
+    model,
+    items: Sequence,
+    *,
+    layer: Optional[int] = None,
+    precision: str = "auto",
+    batch_size: int = 32,
+    workers: Optional[int] = None,
+) -> tuple[Tensor, list[int], dict[int, str]]:
+    """Backbone features of images (paths or anything `predict` takes), with predict's pipeline:
+    the pooled class token (layer None) or the mean patch token after block `layer`.
+
+    Returns features (n, D) float32 on the CPU for the inputs that decoded, their positions in
+    `items`, and position -> error sentence for those that did not.
+    """
+    from mvit.core.precision import autocast
+    from mvit.core.predict import default_workers, image_batches
+
+    device = next(model.parameters()).device
+    if workers is None:
+        workers = default_workers(len(items), batch_size, device)
+    rows, kept, errors = [], [], {}
+    for indices, images, failed, dtype in image_batches(model, items, precision=precision, batch_size=batch_size, workers=workers):
+        errors.update(failed)
+        if images is not None:
+            with torch.inference_mode(), autocast(device, dtype):
+                rows.append(backbone_pass(model.backbone, images, layer)[1].float().cpu())  # (b, D)
+            kept += indices
+    features = torch.cat(rows) if rows else torch.empty(0, model.backbone.width)
+    return features, kept, errors
+
+
+def fit_gate(
+    model,
+    train_paths: Sequence[Union[str, Path]],
+    valid_paths: Sequence[Union[str, Path]],
+    *,
+    method: str = DEFAULT_METHOD,
+    accept: float = DEFAULT_ACCEPT,
+    k: int = DEFAULT_K,
+    layer: Union[None, int, str] = DEFAULT_LAYER,
+    datasets: Sequence[str] = (),
+    precision: str = "auto",
+    batch_size: int = 32,
+    workers: Optional[int] = None,
+    cache: Union[None, str, Path] = None,
+    say: Callable[[str], None] = lambda message: None,
+) -> OODGate:
+    """Fit a gate for `model` on its training images and choose its threshold on validation images.
+
+    Does not attach it: `model.ood_gate = fit_gate(...)`, then `checkpoint.save(model, ...)`.
+    layer: "middle" (the block halfway up), "pooled" / None (the heads' feature) or a block number.
+    Images (paths, PIL images, arrays) are read as `predict` reads them; unreadable ones are left out
+    and reported through `say`. cache: an HDF5 feature cache (`features.FeatureCache`, paths only)
+    that keeps the features, so fitting again (another method or `accept`) costs no backbone pass.
+    """
+    check_options(method, accept, k)
+    layer = resolve_layer(model.backbone, layer)
+    features = {}
+    for split, items in (("training", train_paths), ("validation", valid_paths)):
+        say(f"backbone features of {len(items)} {split} images")
+        if cache is None:
+            features[split], _, errors = pooled_features(
+                model, list(items), layer=layer, precision=precision, batch_size=batch_size, workers=workers
+            )
+            for message in errors.values():
+                say(f"warning: left out: {message}")
+        else:
+            features[split] = _cached_features(model, [Path(item) for item in items], layer, cache, precision, batch_size, workers, say)
+    return fit_gate_on_features(
+        features["training"], features["validation"], method=method, accept=accept, k=k, datasets=datasets, layer=layer
+    )
+
+
+class _Tapped(torch.nn.Module):
+    """The backbone as a layer gate sees it, for the feature cache: images -> mean patch token after
+    block `layer` (B, D). Its state_dict (the backbone's under `backbone.`, and the layer) gives its
+    features a cache key of their own, apart from the pooled features training caches."""
+
+    def __init__(self, backbone, layer: int):
+        super().__init__()
+        self.backbone, self.config, self.width = backbone, backbone.config, backbone.width
+        self.register_buffer("layer", torch.tensor(layer))
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.backbone.forward_with_tap(images, int(self.layer))[1]
+
+
+def _cached_features(model, paths: list[Path], layer, cache, precision, batch_size, workers, say) -> Tensor:
+    """Features (N, D) of `paths` through the HDF5 cache, which computes only those it lacks."""
+    from mvit.core.features import FeatureCache
+    from mvit.core.precision import autocast_dtype
+    from mvit.core.predict import _check_precision, default_workers
+
+    _check_precision(precision)
+    device = next(model.parameters()).device
+    workers = default_workers(len(paths), batch_size, device) if workers is None else workers
+    backbone = model.backbone if layer is None else _Tapped(model.backbone, layer)
+    return FeatureCache(Path(cache), warn=say).load(
+        backbone, model.preprocessing, paths, device=device, dtype=autocast_dtype(precision, device),
+        batch_size=batch_size, workers=workers,
+    ).float()
+
+
+def calibration_paths(model, roots: Mapping[str, Union[str, Path]]) -> tuple[list[Path], list[Path]]:
+    """Training and validation image paths of datasets (name -> root), split as the model was trained.
+
+    Each dataset is split with the settings its model file recorded (as `mvit evaluate` does), and
+    a training image that also sits in an evaluation split of any of these datasets is left out, as
+    training leaves it out, so no validation image finds itself in the bank. Augmented copies are
+    left out too: the gate should learn what real images look like.
+    """
+    from mvit.core.evaluate import split_settings
+    from mvit.registry import leakage, manager, splits
+
+    per_dataset = {}
+    for name, root in roots.items():
+        settings = split_settings(model.provenance, name)
+        per_dataset[name] = splits.split_dataset(name, root, **settings)
+        if "valid" not in manager.get_dataset(name).splits:
+            raise ConfigError(f"{name} has no valid split to choose the gate's threshold on")
+    cleaned, _ = leakage.exclude_shared(per_dataset, training="train")
+    train, valid = [], []
+    for per_split in cleaned.values():
+        train += [s.path for s in per_split.get("train", []) if not s.meta.get("augmented")]
+        valid += [s.path for s in per_split["valid"]]
+    return list(dict.fromkeys(train)), list(dict.fromkeys(valid))
