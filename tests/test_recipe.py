@@ -240,3 +240,34 @@ def test_recipe_switches_are_validated(dermmel_root, tmp_path):  # noqa: F811
         tiny_config(dermmel_root, tmp_path, training={"ema_decay": 1.0})
     config = tiny_config(dermmel_root, tmp_path, augmentation={"policy": "rand_augment"})
     assert json.loads(config.model_dump_json())["augmentation"]["policy"] == "rand_augment"
+
+
+# ---- the out-of-distribution gate at the end of a run --------------------------------------------
+
+
+def test_a_run_ends_with_a_gate_fitted_on_its_training_images(dermmel_root, tmp_path):  # noqa: F811
+    run = tmp_path / "run"
+    best = training.train(tiny_config(dermmel_root, run, training={"epochs": 1}))
+    model = mvit.load(best)
+    gate = model.ood_gate
+    assert gate is not None and gate.info.datasets == ["dermmel"] and gate.method == "mahalanobis"
+    task = training.build_tasks(tiny_config(dermmel_root, run), print)[0]
+    assert gate.info.train_images == len(task.splits["train"]) and gate.info.valid_images == len(task.splits["valid"])
+    valid = [s.path for s in task.splits["valid"]]
+    accepted = [p.in_distribution for p in model.predict(valid, head="dermmel")]
+    assert sum(accepted) / len(accepted) >= 0.95  # the threshold accepts 95 % of these very images
+    flagged = model.predict(np.full((40, 40, 3), 255, dtype=np.uint8), head="dermmel")[0]
+    assert flagged.in_distribution is False and flagged.ood_score > gate.threshold
+
+
+def test_a_frozen_backbone_keeps_the_init_models_gate_unless_refitted(dermmel_root, tmp_path):  # noqa: F811
+    first = training.train(tiny_config(dermmel_root, tmp_path / "first", training={"epochs": 1}))
+    frozen = dict(backbone={**tiny_config(dermmel_root, tmp_path).backbone.model_dump(), "init": str(first)},
+                  unfreeze={"mode": "none"}, augmentation={"enabled": False}, training={"epochs": 1})
+    kept = training.train(tiny_config(dermmel_root, tmp_path / "kept", calibration={"ood_gate": {"enabled": False}}, **frozen))
+    before, after = mvit.load(first).ood_gate, mvit.load(kept).ood_gate
+    assert after.info == before.info
+    assert all(torch.equal(before.tensors[k], after.tensors[k]) for k in before.tensors)
+    unfrozen = training.train(tiny_config(dermmel_root, tmp_path / "none", calibration={"ood_gate": {"enabled": False}},
+                                          backbone=frozen["backbone"], training={"epochs": 1}))
+    assert mvit.load(unfrozen).ood_gate is None  # a fine-tuned backbone would make the old gate wrong

@@ -96,9 +96,20 @@ class TrainingConfig(_Strict):
     feature_cache: Optional[Path] = None
 
 
+class GateConfig(_Strict):
+    """The out-of-distribution gate fitted at the end of a run (`mvit.core.ood`)."""
+
+    # false: keep the init model's gate where the backbone stayed frozen (it still fits), else none
+    enabled: bool = True
+    method: Literal["mahalanobis", "knn"] = "mahalanobis"
+    layer: Union[int, Literal["middle", "pooled"]] = "middle"  # which backbone feature is scored
+    accept: float = Field(default=0.95, gt=0, le=1)  # share of in-distribution validation images accepted
+
+
 class CalibrationConfig(_Strict):
     target_sensitivity: float = Field(default=0.9, gt=0, le=1)  # binary heads' operating point, on valid
     temperature: bool = True
+    ood_gate: GateConfig = Field(default_factory=GateConfig)
 
 
 class TrainConfig(_Strict):

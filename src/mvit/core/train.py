@@ -119,11 +119,17 @@ def build_model(config: TrainConfig, tasks: list[Task], warn: Callable[[str], No
         backbone = previous.backbone
         if backbone.config.image_size != config.preprocessing.image_size:
             raise ConfigError(f"{init} was trained at {backbone.config.image_size} px; set preprocessing.image_size to it")
+        changed = {k: v for k, v in config.preprocessing.model_dump().items() if v != previous.preprocessing.model_dump()[k]}
+        if changed:
+            warn(f"the preprocessing differs from that of {init} ({', '.join(f'{k} = {v}' for k, v in changed.items())}); "
+                 f"its backbone{' (frozen here)' if config.unfreeze.mode == 'none' else ''} learned from differently prepared images")
     else:
         backbone = create_backbone(b.name, init, **overrides)
     model = Model(backbone, config.preprocessing)
     if previous is not None:
         model.provenance = dict(previous.provenance)
+        if config.unfreeze.mode == "none":  # a frozen backbone leaves the gate's features unchanged
+            model.ood_gate = previous.ood_gate
     trained_here = {name for task in tasks for name in task.heads}
     for name, info in (previous.heads.items() if previous else []):
         # A frozen backbone leaves the earlier heads valid: keep them, so a model gains heads one
@@ -674,8 +680,24 @@ class Trainer:
             changes["metrics"] = {**info.metrics, **{f"valid_calibrated_{k}": v for k, v in metrics.items()
                                                      if isinstance(v, (int, float)) and math.isfinite(v)}}
             self.model.update_head(name, **changes)
+        if c.ood_gate.enabled:
+            self.model.ood_gate = self._fit_gate()
         weights = best.provenance["training"][-1]["weights"]
         checkpoint.save(self.model, best_path, provenance=self._provenance(self.best_epoch, weights))
+
+    def _fit_gate(self):
+        """The out-of-distribution gate of the best model: its training images' features, and a
+        threshold that accepts `accept` of its validation images."""
+        from mvit.core.ood import fit_gate
+
+        g = self.config.calibration.ood_gate
+        paths = {split: list(dict.fromkeys(s.path for task in self.tasks for s in task.splits[split])) for split in (TRAIN, VALID)}
+        gate = fit_gate(self.model, paths[TRAIN], paths[VALID], method=g.method, accept=g.accept, layer=g.layer,
+                        datasets=[task.dataset for task in self.tasks], precision=self.config.training.precision,
+                        workers=self._workers(), cache=self.cache.path, say=self.say)
+        self.say(f"out-of-distribution gate: {gate.method} on {len(paths[TRAIN])} training images of "
+                 f"{', '.join(task.dataset for task in self.tasks)}, accepting {g.accept:.0%} of validation images")
+        return gate
 
 
 def _ema(model: Model, decay: Optional[float]):
