@@ -85,7 +85,7 @@ class TrainingConfig(_Strict):
     label_smoothing: float = Field(default=0.1, ge=0, lt=1)
     # an exponential moving average of the weights with this decay per step (e.g. 0.998), validated
     # every epoch beside the trained weights and kept as the best model when it scores higher
-    ema_decay: Optional[float] = Field(default=None, gt=0, lt=1)
+    ema_decay: float = Field(default=0.0, ge=0, lt=1)  # 0: off (TOML has no null)
     best_metric: Literal["balanced_accuracy", "roc_auc", "accuracy", "loss"] = "balanced_accuracy"
     early_stopping: Optional[int] = Field(default=10, ge=1)  # epochs without improvement; None: never stop
     seed: int = 0

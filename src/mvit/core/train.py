@@ -700,9 +700,9 @@ class Trainer:
         return gate
 
 
-def _ema(model: Model, decay: Optional[float]):
-    """An exponential moving average of the model's weights (PyTorch's own), or None."""
-    if decay is None:
+def _ema(model: Model, decay: float):
+    """An exponential moving average of the model's weights (PyTorch's own), or None (decay 0)."""
+    if not decay:
         return None
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
