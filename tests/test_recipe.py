@@ -260,14 +260,15 @@ def test_a_run_ends_with_a_gate_fitted_on_its_training_images(dermmel_root, tmp_
     assert flagged.in_distribution is False and flagged.ood_score > gate.threshold
 
 
-def test_a_frozen_backbone_keeps_the_init_models_gate_unless_refitted(dermmel_root, tmp_path):  # noqa: F811
+def test_a_frozen_backbone_keeps_the_init_models_gate(dermmel_root, tmp_path):  # noqa: F811
     first = training.train(tiny_config(dermmel_root, tmp_path / "first", training={"epochs": 1}))
-    frozen = dict(backbone={**tiny_config(dermmel_root, tmp_path).backbone.model_dump(), "init": str(first)},
-                  unfreeze={"mode": "none"}, augmentation={"enabled": False}, training={"epochs": 1})
-    kept = training.train(tiny_config(dermmel_root, tmp_path / "kept", calibration={"ood_gate": {"enabled": False}}, **frozen))
+    init = {**tiny_config(dermmel_root, tmp_path).backbone.model_dump(), "init": str(first)}
+    frozen = dict(backbone=init, unfreeze={"mode": "none"}, augmentation={"enabled": False}, training={"epochs": 1})
+    kept = training.train(tiny_config(dermmel_root, tmp_path / "kept", **frozen))
     before, after = mvit.load(first).ood_gate, mvit.load(kept).ood_gate
     assert after.info == before.info
     assert all(torch.equal(before.tensors[k], after.tensors[k]) for k in before.tensors)
-    unfrozen = training.train(tiny_config(dermmel_root, tmp_path / "none", calibration={"ood_gate": {"enabled": False}},
-                                          backbone=frozen["backbone"], training={"epochs": 1}))
-    assert mvit.load(unfrozen).ood_gate is None  # a fine-tuned backbone would make the old gate wrong
+    off = training.train(tiny_config(dermmel_root, tmp_path / "off", calibration={"ood_gate": {"enabled": False}}, **frozen))
+    assert mvit.load(off).ood_gate is None
+    tuned = mvit.load(training.train(tiny_config(dermmel_root, tmp_path / "tuned", backbone=init, training={"epochs": 1})))
+    assert not torch.equal(tuned.ood_gate.tensors["mean"], before.tensors["mean"])  # a fine-tuned backbone gets a new gate

@@ -99,7 +99,7 @@ class TrainingConfig(_Strict):
 class GateConfig(_Strict):
     """The out-of-distribution gate fitted at the end of a run (`mvit.core.ood`)."""
 
-    # false: keep the init model's gate where the backbone stayed frozen (it still fits), else none
+    # true: fit one, or keep the init model's where the backbone stayed frozen (it still fits); false: none
     enabled: bool = True
     method: Literal["mahalanobis", "knn"] = "mahalanobis"
     layer: Union[int, Literal["middle", "pooled"]] = "middle"  # which backbone feature is scored

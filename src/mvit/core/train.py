@@ -680,7 +680,13 @@ class Trainer:
             changes["metrics"] = {**info.metrics, **{f"valid_calibrated_{k}": v for k, v in metrics.items()
                                                      if isinstance(v, (int, float)) and math.isfinite(v)}}
             self.model.update_head(name, **changes)
-        if c.ood_gate.enabled:
+        if not c.ood_gate.enabled:
+            self.model.ood_gate = None
+        elif self.model.ood_gate is not None:  # the init model's, kept because the backbone stayed frozen
+            datasets = ", ".join(self.model.ood_gate.info.datasets) or "its training data"
+            self.say(f"kept the init model's out-of-distribution gate (fitted on {datasets}); to cover this run's "
+                     f"datasets too, refit it on all of them with `mvit calibrate`")
+        else:
             self.model.ood_gate = self._fit_gate()
         weights = best.provenance["training"][-1]["weights"]
         checkpoint.save(self.model, best_path, provenance=self._provenance(self.best_epoch, weights))
