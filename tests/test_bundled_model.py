@@ -1,5 +1,7 @@
 """The model bundled with mvit loads without arguments, has its five heads and predicts sensibly."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -39,3 +41,24 @@ def test_bundled_model_records_its_training(bundled):
     training = bundled.provenance["training"]
     assert [run["config"]["datasets"][0]["name"] for run in training] == ["ham10000", "ph2"]
     assert set(bundled.provenance["splits"]) == {"ham10000", "dermmel", "ph2"}
+
+
+def test_the_bundled_gate_flags_a_photograph(bundled):
+    from sklearn.datasets import load_sample_images
+
+    assert bundled.ood_gate is not None
+    temple = load_sample_images().images[0]  # (427, 640, 3): a photograph of a Chinese temple
+    predictions = bundled.predict(temple, head="all", abstain=True)
+    assert all(p.in_distribution is False and p.label == "unknown" for p in predictions)
+    assert predictions[0].ood_score > bundled.ood_gate.threshold
+
+
+REAL_LESION = Path(__file__).resolve().parents[2] / "shared" / "data" / "ham10000" / "HAM10000_images_part_1" / "ISIC_0024306.jpg"
+
+
+@pytest.mark.real_data
+@pytest.mark.skipif(not REAL_LESION.is_file(), reason=f"the real dermoscopic image {REAL_LESION} is absent")
+def test_the_bundled_gate_accepts_a_dermoscopic_image(bundled):
+    [prediction] = bundled.predict(REAL_LESION, head="dermmel", abstain=True)
+    assert prediction.in_distribution is True and prediction.label != "unknown"
+    assert prediction.ood_score <= bundled.ood_gate.threshold
