@@ -131,3 +131,15 @@ def test_save_is_atomic(model, tmp_path, monkeypatch):
     with pytest.raises(OSError):
         save(model, path)
     assert path.read_bytes() == before
+
+
+def test_a_model_file_is_as_readable_as_any_file_the_user_writes(model, tmp_path):
+    import os
+    import stat
+
+    previous = os.umask(0o022)
+    try:
+        path = save(model, tmp_path / "shared.safetensors")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644  # colleagues can load it; safetensors alone writes 0600

@@ -80,6 +80,10 @@ def save(model: Model, path: Union[str, Path], *, half: bool = False, provenance
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     save_file(tensors, str(partial), metadata={METADATA_KEY: metadata.model_dump_json()})
+    # safetensors writes owner-only (0600) files; a model file is meant to be shared, as any file the user writes
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(partial, 0o666 & ~umask)
     os.replace(partial, path)
     return path
 
