@@ -147,7 +147,7 @@ def dermoscopy_sets(model, data: Path) -> dict[str, list[Path]]:
     if (data / "dermmel").is_dir():
         sets["DermMel test split"] = [s.path for s in samples_for("dermmel", data / "dermmel", "test")]
     if (data / "ph2").is_dir():
-        sets["PH2, all (not in the gate's data)"] = [s.path for s in load_samples("ph2", data / "ph2")]
+        sets["PH2, all (another clinic; its training split is in a gate fitted on ph2)"] = [s.path for s in load_samples("ph2", data / "ph2")]
     return sets
 
 
