@@ -25,7 +25,7 @@ from mvit.core.transforms import (
     eval_transform,
     train_transform,
 )
-from test_train import dermmel_root, metrics, tiny_config  # noqa: F401 (a fixture)
+from test_train import dermmel_root, metrics, tiny_config, train_interrupted_then_resume  # noqa: F401 (a fixture)
 
 
 def lesion_image(size=(60, 48), cast=(1.0, 1.0, 1.0), seed=0) -> Image.Image:
@@ -212,18 +212,7 @@ def test_the_averaged_weights_are_saved_when_they_validate_better(dermmel_root, 
 def test_resume_continues_the_average(dermmel_root, tmp_path, monkeypatch):  # noqa: F811
     sections = dict(training={"epochs": 2, "ema_decay": 0.9})
     training.train(tiny_config(dermmel_root, tmp_path / "straight", **sections))
-    real_epoch = training.Trainer._train_epoch
-
-    def stop_in_second_epoch(self, epoch, *args):
-        if epoch == 1:
-            raise KeyboardInterrupt
-        return real_epoch(self, epoch, *args)
-
-    monkeypatch.setattr(training.Trainer, "_train_epoch", stop_in_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        training.train(tiny_config(dermmel_root, tmp_path / "interrupted", **sections))
-    monkeypatch.setattr(training.Trainer, "_train_epoch", real_epoch)
-    training.resume(tmp_path / "interrupted")
+    train_interrupted_then_resume(tiny_config(dermmel_root, tmp_path / "interrupted", **sections), 1, monkeypatch)
     straight = torch.load(tmp_path / "straight" / "state.pt", weights_only=True)["ema"]
     resumed = torch.load(tmp_path / "interrupted" / "state.pt", weights_only=True)["ema"]
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)

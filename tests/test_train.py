@@ -112,23 +112,27 @@ def test_datasets_are_interleaved_without_starving_the_small_one():
     assert abs(first_half.count(1) - counts[1] / 2) <= 1
 
 
-def test_resume_gives_the_same_result_as_an_uninterrupted_run(dermmel_root, tmp_path, monkeypatch):
-    sections = dict(unfreeze={"mode": "gradual", "frozen_epochs": 1}, training={"epochs": 3})
-    training.train(tiny_config(dermmel_root, tmp_path / "straight", **sections))
-
-    interrupted = tmp_path / "interrupted"
+def train_interrupted_then_resume(config, stop_epoch: int, monkeypatch) -> None:
+    """Train `config` until epoch `stop_epoch` (0-based) starts, as a Ctrl-C would stop it, then resume."""
     real_epoch = training.Trainer._train_epoch
 
-    def stop_in_third_epoch(self, epoch, *args):
-        if epoch == 2:
+    def stop(self, epoch, *args):
+        if epoch == stop_epoch:
             raise KeyboardInterrupt
         return real_epoch(self, epoch, *args)
 
-    monkeypatch.setattr(training.Trainer, "_train_epoch", stop_in_third_epoch)
+    monkeypatch.setattr(training.Trainer, "_train_epoch", stop)
     with pytest.raises(KeyboardInterrupt):
-        training.train(tiny_config(dermmel_root, interrupted, **sections))
+        training.train(config)
     monkeypatch.setattr(training.Trainer, "_train_epoch", real_epoch)
-    training.resume(interrupted)
+    training.resume(config.output)
+
+
+def test_resume_gives_the_same_result_as_an_uninterrupted_run(dermmel_root, tmp_path, monkeypatch):
+    sections = dict(unfreeze={"mode": "gradual", "frozen_epochs": 1}, training={"epochs": 3})
+    training.train(tiny_config(dermmel_root, tmp_path / "straight", **sections))
+    interrupted = tmp_path / "interrupted"
+    train_interrupted_then_resume(tiny_config(dermmel_root, interrupted, **sections), 2, monkeypatch)
 
     straight, resumed = load_file(str(tmp_path / "straight" / "last.safetensors")), load_file(str(interrupted / "last.safetensors"))
     assert straight.keys() == resumed.keys()
