@@ -261,3 +261,22 @@ def test_a_frozen_backbone_keeps_the_init_models_gate(dermmel_root, tmp_path):  
     assert mvit.load(off).ood_gate is None
     tuned = mvit.load(training.train(tiny_config(dermmel_root, tmp_path / "tuned", backbone=init, training={"epochs": 1})))
     assert not torch.equal(tuned.ood_gate.tensors["mean"], before.tensors["mean"])  # a fine-tuned backbone gets a new gate
+
+
+def test_training_curves_leave_matplotlibs_backend_alone_and_show_the_average(dermmel_root, tmp_path):  # noqa: F811
+    import importlib
+
+    import matplotlib
+
+    from mvit.core import curves
+
+    previous = matplotlib.get_backend()
+    matplotlib.use("svg")  # a user's notebook backend, say
+    try:
+        importlib.reload(curves)
+        run = tmp_path / "run"
+        training.train(tiny_config(dermmel_root, run, training={"epochs": 2, "ema_decay": 0.5, "best_metric": "roc_auc"}))
+        assert matplotlib.get_backend() == "svg"
+        assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    finally:
+        matplotlib.use(previous)

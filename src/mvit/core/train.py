@@ -460,7 +460,7 @@ class Trainer:
                     head_loss = F.cross_entropy(logits[name][keep].float(), soft)
                     loss = loss + head_loss
                     # training metrics against each image's own class (the larger share of a mixed image)
-                    stats[name].add(head_loss.item(), logits[name][keep].float(), targets[keep, h])
+                    stats[name].add(head_loss, logits[name][keep].float(), targets[keep, h])
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
                     f"training diverged: the loss became {loss.item()} in epoch {epoch + 1}, step {step + 1}; "
@@ -498,7 +498,7 @@ class Trainer:
                 head_logits = logits[name].float().cpu()[keep]
                 valid_logits[name] = (head_logits, targets[keep])
                 stats = _HeadStats()
-                stats.add(F.cross_entropy(head_logits, targets[keep]).item(), head_logits, targets[keep])
+                stats.add(F.cross_entropy(head_logits, targets[keep]), head_logits, targets[keep])
                 results[name] = stats.summary(self.model.heads[name])
         return results, valid_logits
 
@@ -620,7 +620,7 @@ class Trainer:
                 self._save_model(self.out / "best.safetensors", epoch, record["heads"])
         else:
             self.bad_epochs += 1
-        plot_training_curves(self.history, self.out / "curves.png")
+        plot_training_curves(self.history, self.out / "curves.png", self.config.training.best_metric)
         self._save_state(epoch)
         summary = "  ".join(
             f"{name}: loss {h['train']['loss']:.3f}/{h['valid']['loss']:.3f} "
@@ -716,26 +716,29 @@ def _ema(model: Model, decay: float):
 
 
 class _HeadStats:
-    """Running loss and predictions of one head over an epoch."""
+    """Running loss and predictions of one head over an epoch.
+
+    Kept on the model's device and read once in `summary`: a `.item()` or `.cpu()` per step would
+    make the CPU wait for the GPU at every step."""
 
     def __init__(self):
-        self.loss_sum, self.count, self.probabilities, self.targets = 0.0, 0, [], []
+        self.losses, self.probabilities, self.targets = [], [], []
 
-    def add(self, loss: float, logits: Tensor, targets: Tensor) -> None:
-        n = len(targets)
-        self.loss_sum += loss * n
-        self.count += n
-        self.probabilities.append(torch.softmax(logits.detach().float(), dim=1).cpu())
-        self.targets.append(targets.detach().cpu())
+    def add(self, loss: Tensor, logits: Tensor, targets: Tensor) -> None:
+        """loss: the batch's mean loss (a 0-d tensor); logits (b, K); targets (b,)."""
+        self.losses.append(loss.detach() * len(targets))
+        self.probabilities.append(torch.softmax(logits.detach().float(), dim=1))
+        self.targets.append(targets.detach())
 
     def summary(self, info: HeadInfo) -> dict:
-        if not self.count:
+        if not self.targets:
             return {"loss": float("nan")}
-        probabilities = torch.cat(self.probabilities).numpy()
-        targets = torch.cat(self.targets).numpy()
+        probabilities = torch.cat(self.probabilities).cpu().numpy()  # (N, K)
+        targets = torch.cat(self.targets).cpu().numpy()  # (N,)
+        loss = float(torch.stack(self.losses).sum()) / len(targets)
         metrics = classification_metrics(probabilities, targets, info.classes)
         keep = ("accuracy", "balanced_accuracy", "roc_auc")
-        return {"loss": self.loss_sum / self.count, **{k: metrics[k] for k in keep if k in metrics}}
+        return {"loss": loss, **{k: metrics[k] for k in keep if k in metrics}}
 
 
 def train(config: TrainConfig, *, resume: bool = False, console=None) -> Path:
