@@ -198,3 +198,27 @@ def test_a_frozen_backbone_gains_heads_and_keeps_the_old_ones(dermmel_root, tmp_
     assert second.heads["dermmel"] == mvit.load(first).heads["dermmel"]
     assert [run["config"]["datasets"][0]["name"] for run in second.provenance["training"]] == ["dermmel", "ph2"]
     assert set(second.provenance["splits"]) == {"dermmel", "ph2"}
+
+
+def test_an_mvit_init_keeps_its_architecture_and_takes_the_configs_regularisation(dermmel_root, tmp_path):
+    first = training.train(tiny_config(dermmel_root, tmp_path / "first", training={"epochs": 1}))
+    init = {"init": str(first), "drop_path": 0.3}  # neither name nor shape: they are the init model's
+    config = tiny_config(dermmel_root, tmp_path / "second", backbone=init, training={"epochs": 1})
+    config = validate_config({**config.model_dump(mode="json"), "backbone": init})
+    tasks = training.build_tasks(config, print)
+    model = training.build_model(config, tasks, print)
+    before = mvit.load(first).backbone
+    assert model.backbone.config.drop_path == 0.3 and model.backbone.config.width == before.config.width
+    assert all(torch.equal(a, b) for a, b in zip(model.backbone.state_dict().values(), before.state_dict().values()))
+    second = mvit.load(training.train(config))
+    assert second.provenance["training"][-1]["backbone"]["drop_path"] == 0.3
+    wider = validate_config({**config.model_dump(mode="json"), "backbone": {**init, "width": 64}})
+    with pytest.raises(ConfigError, match="backbone.width"):
+        training.build_model(wider, tasks, print)
+
+
+def test_create_backbone_applies_overrides_to_a_given_config():
+    from mvit.core.vit import ViTConfig
+
+    backbone = mvit.create_backbone(ViTConfig(image_size=32, patch_size=8, width=32, depth=2, num_heads=2), drop_path=0.2)
+    assert backbone.config.drop_path == 0.2 and backbone.config.width == 32

@@ -34,7 +34,7 @@ from mvit.core.model import HeadInfo, Model
 from mvit.core.precision import autocast, autocast_dtype, resolve_device
 from mvit.core.sampling import balanced_batches, batches_per_dataset, interleave, shuffled_batches
 from mvit.core.transforms import eval_transform, train_transform
-from mvit.core.vit import VisionTransformer
+from mvit.core.vit import VisionTransformer, named_config
 from mvit.core.weights import create_backbone
 from mvit.errors import ConfigError, MvitError
 from mvit.registry import leakage, manager, splits
@@ -116,7 +116,7 @@ def build_model(config: TrainConfig, tasks: list[Task], warn: Callable[[str], No
         backbone = create_backbone(b.name, None, **overrides)
     elif init != "timm" and _is_mvit_model(Path(init)):
         previous = checkpoint.load(init)
-        backbone = previous.backbone
+        backbone = _continued_backbone(previous.backbone, b, init, warn)
         if backbone.config.image_size != config.preprocessing.image_size:
             raise ConfigError(f"{init} was trained at {backbone.config.image_size} px; set preprocessing.image_size to it")
         changed = {k: v for k, v in config.preprocessing.model_dump().items() if v != previous.preprocessing.model_dump()[k]}
@@ -143,6 +143,27 @@ def build_model(config: TrainConfig, tasks: list[Task], warn: Callable[[str], No
     for name in sorted(trained_here - set(model.heads)):
         model.add_head(HeadInfo.from_spec(manager.get_head(name)))
     return model
+
+
+def _continued_backbone(backbone: VisionTransformer, b, init: str, warn: Callable[[str], None]) -> VisionTransformer:
+    """An mvit model's backbone, with the regularisation the config sets explicitly (dropout,
+    attention_dropout, drop_path); the architecture is the model's, and a config that sets another
+    one is refused rather than silently ignored."""
+    explicit = b.model_fields_set
+    shape = {k: getattr(b, k) for k in ("patch_size", "width", "depth", "num_heads", "image_size") if k in explicit}
+    differing = {k: v for k, v in shape.items() if v is not None and v != getattr(backbone.config, k)}
+    if differing:
+        have = ", ".join(f"{k} = {getattr(backbone.config, k)}" for k in differing)
+        raise ConfigError(f"backbone.init {init} has {have}; a config cannot change its architecture, so remove "
+                          f"backbone.{', backbone.'.join(differing)} (or start from another init)")
+    if "name" in explicit:
+        warn(f"backbone.name {b.name!r} is not used: the architecture is that of {init} (recorded in the model file)")
+    regularisation = {k: getattr(b, k) for k in ("dropout", "attention_dropout", "drop_path") if k in explicit}
+    if not regularisation or all(getattr(backbone.config, k) == v for k, v in regularisation.items()):
+        return backbone
+    continued = VisionTransformer(named_config(backbone.config, **regularisation))
+    continued.load_state_dict(backbone.state_dict())  # same shapes: regularisation has no weights
+    return continued
 
 
 def _is_mvit_model(path: Path) -> bool:
@@ -647,7 +668,8 @@ class Trainer:
         splits = {d.name: {"seed": d.split_seed, "fold": d.fold, "folds": d.folds, "fractions": d.fractions}
                   for d in self.config.datasets}
         run = {"config": self.config.model_dump(mode="json"), "epoch": epoch + 1, "best_epoch": self.best_epoch + 1,
-               "weights": weights}  # trained, or their exponential moving average
+               "weights": weights,  # trained, or their exponential moving average
+               "backbone": self.model.backbone.config.model_dump()}  # what was trained, whatever the config named
         return {
             "epoch": epoch + 1,
             "training": [*earlier.get("training", []), run],

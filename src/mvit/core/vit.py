@@ -11,7 +11,7 @@ parameter names are mvit's own, and `mvit.core.weights` maps between the two.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -63,14 +63,18 @@ NAMED_CONFIGS: dict[str, ViTConfig] = {
 }
 
 
-def named_config(name: str, **overrides) -> ViTConfig:
-    """A named DeiT configuration, optionally changed (e.g. `image_size=160`, `drop_path=0.1`)."""
-    if name not in NAMED_CONFIGS:
+def named_config(name: Union[str, ViTConfig], **overrides) -> ViTConfig:
+    """A named DeiT configuration (or a given one), optionally changed (e.g. `image_size=160`, `drop_path=0.1`)."""
+    if isinstance(name, ViTConfig):
+        base, what = name, "the backbone"
+    elif name in NAMED_CONFIGS:
+        base, what = NAMED_CONFIGS[name], f"backbone {name!r}"
+    else:
         raise ConfigError(f"unknown backbone {name!r}; choose one of {', '.join(NAMED_CONFIGS)}")
     try:
-        return ViTConfig.model_validate({**NAMED_CONFIGS[name].model_dump(), **overrides})
+        return ViTConfig.model_validate({**base.model_dump(), **overrides})
     except ValueError as error:
-        raise ConfigError(f"invalid settings for backbone {name!r}: {error}") from None
+        raise ConfigError(f"invalid settings for {what}: {error}") from None
 
 
 class PatchEmbed(nn.Module):

@@ -179,7 +179,7 @@ def create_backbone(
     Otherwise a path to a timm/DeiT checkpoint. `overrides` change the named configuration,
     e.g. `image_size=384` (position embeddings are then resampled) or `drop_path=0.1`.
     """
-    config = name if isinstance(name, ViTConfig) else named_config(name, **overrides)
+    config = named_config(name, **overrides)
     backbone = VisionTransformer(config)
     if weights is None:
         return backbone
