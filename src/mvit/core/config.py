@@ -13,6 +13,7 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from mvit.core import ood
 from mvit.core.transforms import Augmentation, Preprocessing
 from mvit.errors import ConfigError
 
@@ -101,9 +102,9 @@ class GateConfig(_Strict):
 
     # true: fit one, or keep the init model's where the backbone stayed frozen (it still fits); false: none
     enabled: bool = True
-    method: Literal["mahalanobis", "knn"] = "mahalanobis"
-    layer: Union[int, Literal["middle", "pooled"]] = "middle"  # which backbone feature is scored
-    accept: float = Field(default=0.95, gt=0, le=1)  # share of in-distribution validation images accepted
+    method: Literal["mahalanobis", "knn"] = ood.DEFAULT_METHOD
+    layer: Union[int, Literal["middle", "pooled"]] = ood.DEFAULT_LAYER  # which backbone feature is scored
+    accept: float = Field(default=ood.DEFAULT_ACCEPT, gt=0, le=1)  # share of in-distribution validation images accepted
 
 
 class CalibrationConfig(_Strict):

@@ -710,7 +710,7 @@ class Trainer:
                      f"datasets too, refit it on all of them with `mvit calibrate`")
         else:
             self.model.ood_gate = self._fit_gate()
-        weights = best.provenance["training"][-1]["weights"]
+        weights = best.provenance["training"][-1].get("weights", "trained")  # a best file from before averaging existed
         checkpoint.save(self.model, best_path, provenance=self._provenance(self.best_epoch, weights))
 
     def _fit_gate(self):
