@@ -1,6 +1,6 @@
 """Head training from the HDF5 feature cache against recomputing the frozen backbone every epoch.
 
-Two runs of `mvit.core.train.Trainer` on the same generated DermMel-layout images with the same
+Two runs of `mvit.train.trainer.Trainer` on the same generated DermMel-layout images with the same
 frozen backbone (deit_small_patch16_224 at 224 px) and the same head: one whose inputs count as
 augmented (identity augmentation: full-image crops, no flips, no colour), so every epoch runs the
 backbone, and one without augmentation, which reads the cached features. Prints seconds per epoch
@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the te
 
 from training_data import make_learnable_dermmel  # noqa: E402
 
-from mvit.core.config import validate_config  # noqa: E402
-from mvit.core.train import Trainer  # noqa: E402
+from mvit.train.config import validate_config  # noqa: E402
+from mvit.train.trainer import Trainer  # noqa: E402
 
 
 def run(root: Path, output: Path, backbone: str, epochs: int, augmented: bool) -> list[float]:

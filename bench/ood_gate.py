@@ -31,9 +31,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from mvit.core import checkpoint
-from mvit.core.evaluate import split_settings
-from mvit.core.ood import pooled_features
+from mvit.infer import model_file
+from mvit.evaluate.report import split_settings
+from mvit.infer.ood import pooled_features
 from mvit.registry.records import load_samples
 from mvit.registry.splits import samples_for
 
@@ -175,8 +175,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
 
-    files = args.model or [str(checkpoint.bundled_model_path())]
-    models = [checkpoint.load(path, device=args.device) for path in files]
+    files = args.model or [str(model_file.bundled_model_path())]
+    models = [model_file.load(path, device=args.device) for path in files]
     for path, model in zip(files, models):
         if model.ood_gate is None:
             raise SystemExit(f"{path} has no out-of-distribution gate; fit one with `mvit calibrate` first")

@@ -19,12 +19,12 @@ import time
 import numpy as np
 import torch
 
-from mvit.core import checkpoint
-from mvit.core.evaluate import split_settings
-from mvit.core.model import HeadInfo, Model
-from mvit.core.predict import default_workers, predict_stream
-from mvit.core.transforms import Preprocessing
-from mvit.core.vit import VisionTransformer, named_config
+from mvit.infer import model_file
+from mvit.evaluate.report import split_settings
+from mvit.infer.model import HeadInfo, Model
+from mvit.infer.predict import default_workers, predict_stream
+from mvit.data.transforms import Preprocessing
+from mvit.nn.vit import VisionTransformer, named_config
 from mvit.registry import manager
 from mvit.registry.records import head_targets
 from mvit.registry.splits import samples_for
@@ -42,8 +42,8 @@ def main() -> None:
 
     spec = manager.get_head(args.head)
     if args.model:
-        model = checkpoint.load(args.model, device=args.device)
-        settings = split_settings(checkpoint.read_metadata(args.model).provenance, spec.dataset)
+        model = model_file.load(args.model, device=args.device)
+        settings = split_settings(model_file.read_metadata(args.model).provenance, spec.dataset)
     else:
         torch.manual_seed(0)
         model = Model(VisionTransformer(named_config("deit_tiny_patch16_224")), Preprocessing()).to(args.device)

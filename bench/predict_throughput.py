@@ -29,11 +29,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mvit.core.model import HeadInfo, Model
-from mvit.core.precision import autocast, autocast_dtype, cpu_has_fast_bfloat16
-from mvit.core.predict import default_workers, predict_stream
-from mvit.core.transforms import Preprocessing, eval_transform
-from mvit.core.vit import VisionTransformer, named_config
+from mvit.infer.model import HeadInfo, Model
+from mvit.nn.precision import autocast, autocast_dtype, cpu_has_fast_bfloat16
+from mvit.infer.predict import default_workers, predict_stream
+from mvit.data.transforms import Preprocessing, eval_transform
+from mvit.nn.vit import VisionTransformer, named_config
 from mvit.registry import manager
 
 

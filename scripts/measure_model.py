@@ -35,7 +35,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import mvit
-    from mvit.core.evaluate import evaluate_head
+    from mvit.evaluate.report import evaluate_head
 
     if not (args.data / "ph2").is_dir():
         sys.exit(f"no datasets under {args.data}; pass --data")
@@ -65,9 +65,9 @@ def main() -> None:
 def ph2_cross_validation(model: Path, config: Path, root: Path, out: Path) -> dict:
     """Stage 2 on each fold's training images (frozen backbone), scored on the held-out fold."""
     import mvit
-    from mvit.core import train as training
-    from mvit.core.config import load_config
-    from mvit.core.evaluate import evaluate_head
+    from mvit.train import trainer as training
+    from mvit.train.config import load_config
+    from mvit.evaluate.report import evaluate_head
 
     folds: dict[str, list[dict]] = {"ph2": [], "ph2-mel": []}
     for k in range(5):

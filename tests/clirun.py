@@ -10,7 +10,7 @@ from typing import Mapping, Optional
 
 import pytest
 
-from mvit.cli import main
+from mvit.cli.app import main
 from mvit.registry import manager
 
 
@@ -22,7 +22,7 @@ class Result:
 
 
 def call_mvit(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, *args: str) -> Result:
-    """`mvit ARGS` through `mvit.cli.main` in this process, with a freshly loaded registry."""
+    """`mvit ARGS` through `mvit.cli.app.main` in this process, with a freshly loaded registry."""
     monkeypatch.setattr(sys, "argv", ["mvit", *args])
     manager.reset()
     capsys.readouterr()

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from mvit.core.model import HeadInfo, Model
-from mvit.core.transforms import Preprocessing
-from mvit.core.vit import VisionTransformer, ViTConfig
+from mvit.infer.model import HeadInfo, Model
+from mvit.data.transforms import Preprocessing
+from mvit.nn.vit import VisionTransformer, ViTConfig
 from mvit.registry.specs import HeadConfig
 
 TINY = ViTConfig(image_size=32, patch_size=8, width=48, depth=2, num_heads=4)

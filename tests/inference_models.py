@@ -8,8 +8,8 @@ from typing import Optional
 import torch
 
 from conftest import TINY, tiny_model
-from mvit.core import checkpoint
-from mvit.core.model import HeadInfo, Model
+from mvit.infer import model_file
+from mvit.infer.model import HeadInfo, Model
 from mvit.registry import manager
 
 
@@ -23,7 +23,7 @@ def plugin_heads_model(seed: int = 0) -> Model:
 
 
 def saved_model(folder: Path, *, provenance: Optional[dict] = None, seed: int = 0) -> Path:
-    return checkpoint.save(plugin_heads_model(seed), folder / "model.safetensors", provenance=provenance)
+    return model_file.save(plugin_heads_model(seed), folder / "model.safetensors", provenance=provenance)
 
 
 assert TINY.image_size == 32  # the images the tests write are about that size

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from mvit.core.attention import _gradient_weighted, _rollout, attention_maps, crop_box
-from mvit.core.transforms import Preprocessing
+from mvit.infer.attention import _gradient_weighted, _rollout, attention_maps, crop_box
+from mvit.data.transforms import Preprocessing
 from mvit.errors import ConfigError, ImageError
 
 KINDS = ("last_layer", "rollout", "per_head", "per_layer", "class_specific")

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 import mvit
-from mvit.core.checkpoint import read_metadata, save
+from mvit.infer.model_file import read_metadata, save
 from mvit.errors import ModelFileError
 
 

@@ -10,7 +10,7 @@ from bad_images import AWKWARD, BROKEN, ODD_NAMES
 from clirun import call_mvit, run_mvit
 from datasets_factory import make_dermmel, make_ham10000, write_image
 from inference_models import saved_model
-from mvit.core import checkpoint
+from mvit.infer import model_file as model_files
 from mvit.registry.splits import samples_for
 
 
@@ -32,7 +32,7 @@ def test_json_has_one_record_per_image_and_head_equal_to_the_api(capsys, monkeyp
     done = mvit(capsys, monkeypatch, "predict", "-m", model_file, "--device", "cpu", "--head", "dermmel", "--head", "ham10000", "-f", "json", *images)
     assert done.code == 0, done.stderr
     records = json.loads(done.stdout)
-    api = checkpoint.load(model_file).predict(images, head=["dermmel", "ham10000"])
+    api = model_files.load(model_file).predict(images, head=["dermmel", "ham10000"])
     assert records == [
         {"image": str(p.image), "head": p.head, "label": p.label, "probabilities": pytest.approx(dict(p.probabilities)),
          "threshold": p.threshold, "ood_score": None, "in_distribution": None}  # null: this model has no gate
@@ -129,13 +129,11 @@ def test_model_file_problems_and_empty_folders_are_one_sentence(capsys, monkeypa
 
 
 def test_without_a_model_file_the_bundled_model_is_used(capsys, monkeypatch, images, tmp_path):
-    from mvit.core import checkpoint
-
-    if checkpoint.BUNDLED_MODEL.is_file():
+    if model_files.BUNDLED_MODEL.is_file():
         done = mvit(capsys, monkeypatch, "predict", "--device", "cpu", "-f", "json", images[0])
         assert done.code == 0, done.stderr
-        assert {r["head"] for r in json.loads(done.stdout)} == set(checkpoint.read_metadata(checkpoint.BUNDLED_MODEL).heads)
-    monkeypatch.setattr(checkpoint, "BUNDLED_MODEL", tmp_path / "absent.safetensors")  # an installation without it
+        assert {r["head"] for r in json.loads(done.stdout)} == set(model_files.read_metadata(model_files.BUNDLED_MODEL).heads)
+    monkeypatch.setattr(model_files, "BUNDLED_MODEL", tmp_path / "absent.safetensors")  # an installation without it
     done = mvit(capsys, monkeypatch, "predict", images[0])
     assert done.code == 2 and "no bundled model" in done.stderr and "--model" in done.stderr
 

@@ -10,7 +10,7 @@ from sklearn import metrics as sk
 
 from datasets_factory import make_dermmel, make_ham10000, truncate
 from inference_models import plugin_heads_model
-from mvit.core.evaluate import (
+from mvit.evaluate.report import (
     choose_threshold,
     classification_metrics,
     evaluate_head,

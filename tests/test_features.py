@@ -6,10 +6,10 @@ import h5py
 import pytest
 import torch
 
-from mvit.core import features as features_module
-from mvit.core.features import FeatureCache, fingerprint
-from mvit.core.transforms import Preprocessing
-from mvit.core.vit import VisionTransformer
+from mvit.data import features as features_module
+from mvit.data.features import FeatureCache, fingerprint
+from mvit.data.transforms import Preprocessing
+from mvit.nn.vit import VisionTransformer
 from conftest import TINY
 from training_data import paint
 
@@ -41,8 +41,8 @@ def test_features_equal_the_backbone_and_are_reused(tmp_path, images):
     assert extract(cache, net, images) == 10
     assert extract(cache, net, images) == 0  # everything came from the cache
     stored = cache.load(net, PRE, images, device=torch.device("cpu"))
-    from mvit.core.images import load_image
-    from mvit.core.transforms import eval_transform
+    from mvit.data.images import load_image
+    from mvit.data.transforms import eval_transform
 
     with torch.no_grad():
         direct = net(torch.stack([eval_transform(PRE)(load_image(p)) for p in images]))

@@ -9,7 +9,7 @@ from PIL import Image
 
 from bad_images import AWKWARD, BROKEN, ODD_NAMES, cmyk, grayscale, palette_transparent, rgba, sixteen_bit
 from datasets_factory import write_image
-from mvit.core.images import as_rgb_image, find_image_files, load_image
+from mvit.data.images import as_rgb_image, find_image_files, load_image
 from mvit.errors import ImageError
 
 

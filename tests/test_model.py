@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mvit.core.model import HeadInfo, UnknownHeadError
+from mvit.infer.model import HeadInfo, UnknownHeadError
 from mvit.errors import MvitError
 
 

@@ -17,10 +17,10 @@ from clirun import call_mvit
 from conftest import tiny_model
 from datasets_factory import ham_rows, make_ham10000
 from inference_models import plugin_heads_model, saved_model
-from mvit.core import checkpoint
-from mvit.core.checkpoint import read_metadata
-from mvit.core.ood import METHODS, calibration_paths, fit_gate, fit_gate_on_features, pooled_features
-from mvit.core.predict import UNKNOWN
+from mvit.infer import model_file
+from mvit.infer.model_file import read_metadata
+from mvit.infer.ood import METHODS, calibration_paths, fit_gate, fit_gate_on_features, pooled_features
+from mvit.infer.predict import UNKNOWN
 from mvit.errors import ConfigError, ModelFileError
 from mvit.registry.splits import samples_for
 
@@ -121,8 +121,8 @@ def test_the_tap_is_the_mean_patch_token_after_its_block_in_the_same_pass():
 
 
 def test_layer_names():
-    from mvit.core.ood import resolve_layer
-    from mvit.core.vit import VisionTransformer, named_config
+    from mvit.infer.ood import resolve_layer
+    from mvit.nn.vit import VisionTransformer, named_config
 
     deit = VisionTransformer(named_config("deit_tiny_patch16_224"))  # 12 blocks
     assert [resolve_layer(deit, layer) for layer in ("middle", "pooled", None, 3, "11")] == [6, None, None, 3, 11]
@@ -193,7 +193,7 @@ def test_abstain_needs_a_gate():
 @pytest.mark.parametrize("method", ALL_GATES)
 def test_round_trip_keeps_the_gate_and_its_scores_exactly(gated_models, method, tmp_path):
     model = gated_models[method]
-    path = checkpoint.save(model, tmp_path / "gated.safetensors", half=True)
+    path = model_file.save(model, tmp_path / "gated.safetensors", half=True)
     loaded = mvit.load(path)
     assert loaded.ood_gate is not None and loaded.ood_gate.info == model.ood_gate.info
     assert read_metadata(path).ood_gate.datasets == ["toy"]
@@ -202,7 +202,7 @@ def test_round_trip_keeps_the_gate_and_its_scores_exactly(gated_models, method, 
     # half=True: the backbone is float16 in the file, so compare the gate on the same features
     features, _, _ = pooled_features(loaded, images, layer=loaded.ood_gate.info.layer, precision="fp32")
     assert torch.equal(loaded.ood_gate.score(features), model.ood_gate.score(features))
-    full = mvit.load(checkpoint.save(model, tmp_path / "full.safetensors"))
+    full = mvit.load(model_file.save(model, tmp_path / "full.safetensors"))
     again = full.predict(images, head="dermmel", precision="fp32")
     assert [p.ood_score for p in again] == [p.ood_score for p in before]
     assert [p.in_distribution for p in again] == [p.in_distribution for p in before]
@@ -211,7 +211,7 @@ def test_round_trip_keeps_the_gate_and_its_scores_exactly(gated_models, method, 
 def test_the_knn_bank_is_stored_as_float16_under_the_ood_prefix(gated_models, tmp_path):
     from safetensors import safe_open
 
-    path = checkpoint.save(gated_models["knn"], tmp_path / "gated.safetensors")
+    path = model_file.save(gated_models["knn"], tmp_path / "gated.safetensors")
     with safe_open(str(path), framework="pt") as file:
         gate_names = [name for name in file.keys() if name.startswith("ood.")]
         assert gate_names == ["ood.bank"]
@@ -252,7 +252,7 @@ def test_a_model_file_without_a_gate_loads_unchanged_and_predicts_null_fields(tm
 
 
 def test_a_damaged_gate_is_a_clear_error(gated_models, tmp_path):
-    path = checkpoint.save(gated_models["knn"], tmp_path / "gated.safetensors")
+    path = model_file.save(gated_models["knn"], tmp_path / "gated.safetensors")
     meta = json.loads(_header(path)["__metadata__"]["mvit"])
     meta["ood_gate"]["method"] = "mahalanobis"  # its tensors are a knn bank
     _rewrite_metadata(path, meta)
@@ -279,7 +279,7 @@ def _rewrite_metadata(path, meta):
 
 @pytest.fixture
 def gated_file(gated_models, tmp_path):
-    return checkpoint.save(gated_models["knn"], tmp_path / "gated.safetensors")
+    return model_file.save(gated_models["knn"], tmp_path / "gated.safetensors")
 
 
 @pytest.fixture
@@ -323,24 +323,24 @@ def _sha256(path):
 
 
 def test_calibrate_writes_a_gated_model_and_leaves_the_input_alone(capsys, monkeypatch, tmp_path):
-    model_file = checkpoint.save(plugin_heads_model(), tmp_path / "model.safetensors", half=True,
-                                 provenance={"splits": {"ham10000": {"seed": 3}}})
+    source = model_file.save(plugin_heads_model(), tmp_path / "model.safetensors", half=True,
+                    provenance={"splits": {"ham10000": {"seed": 3}}})
     root = make_ham10000(tmp_path / "ham", ham_rows(per_class=8, images_per_lesion=1))
-    before = _sha256(model_file)
+    before = _sha256(source)
     out = tmp_path / "out" / "gated.safetensors"
-    done = call_mvit(capsys, monkeypatch, "calibrate", "-m", str(model_file), "--dataset", "ham10000", "--root", str(root),
+    done = call_mvit(capsys, monkeypatch, "calibrate", "-m", str(source), "--dataset", "ham10000", "--root", str(root),
                      "--output", str(out), "--method", "mahalanobis", "--accept", "0.9", "--device", "cpu")
     assert done.code == 0, done.stderr
-    assert _sha256(model_file) == before and mvit.load(model_file).ood_gate is None
+    assert _sha256(source) == before and mvit.load(source).ood_gate is None
     gated = mvit.load(out)
     info = gated.ood_gate.info
     # the split the model file recorded (seed 3), as `mvit evaluate` reproduces it
     train, valid = (samples_for("ham10000", root, split, seed=3) for split in ("train", "valid"))
     assert (info.method, info.quantile, info.datasets, info.layer) == ("mahalanobis", 0.9, ["ham10000"], 1)  # middle of 2 blocks
-    assert checkpoint.stored_as_half(out)  # as small as the input
+    assert model_file.stored_as_half(out)  # as small as the input
     assert (info.train_images, info.valid_images) == (len(train), len(valid))
     # the same heads and weights, plus the gate; the threshold accepts 90 % of the validation split
-    original = mvit.load(model_file)
+    original = mvit.load(source)
     for name, tensor in original.state_dict().items():
         assert torch.equal(tensor, gated.state_dict()[name]), name
     scores = [p.ood_score for p in gated.predict([s.path for s in valid], head="dermmel")]
@@ -382,15 +382,15 @@ def test_calibration_keeps_images_shared_with_another_dataset_out_of_the_bank(tm
     ],
 )
 def test_calibrate_mistakes_are_one_sentence(capsys, monkeypatch, tmp_path, args, says):
-    model_file = saved_model(tmp_path)
-    done = call_mvit(capsys, monkeypatch, "calibrate", "-m", str(model_file), "-o", str(tmp_path / "o.safetensors"), *args)
+    source = saved_model(tmp_path)
+    done = call_mvit(capsys, monkeypatch, "calibrate", "-m", str(source), "-o", str(tmp_path / "o.safetensors"), *args)
     assert done.code == 2 and says in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "o.safetensors").exists()
 
 
 def test_evaluate_reports_the_accepted_fraction_and_the_metrics_on_accepted_images(capsys, monkeypatch, gated_models, tmp_path):
     from datasets_factory import make_dermmel
-    from mvit.core.ood import OODGate
+    from mvit.infer.ood import OODGate
 
     counts = {"train_sep": {"Melanoma": 1, "NotMelanoma": 1}, "valid": {"Melanoma": 1, "NotMelanoma": 1},
               "test": {"Melanoma": 6, "NotMelanoma": 6}}
@@ -400,7 +400,7 @@ def test_evaluate_reports_the_accepted_fraction_and_the_metrics_on_accepted_imag
     features, _, _ = pooled_features(model, [s.path for s in samples_for("dermmel", root, "test")], layer=gate.info.layer)
     threshold = float(gate.score(features).median())  # about half the test images pass
     model.ood_gate = OODGate(gate.info.model_copy(update={"threshold": threshold}), gate.tensors)
-    path = checkpoint.save(model, tmp_path / "gated.safetensors")
+    path = model_file.save(model, tmp_path / "gated.safetensors")
     done = call_mvit(capsys, monkeypatch, "evaluate", "-m", str(path), "-H", "dermmel", "--root", str(root),
                      "--out", str(tmp_path / "out"), "--device", "cpu")
     assert done.code == 0, done.stderr
@@ -416,7 +416,7 @@ def test_evaluate_reports_the_accepted_fraction_and_the_metrics_on_accepted_imag
     assert all(float(row["ood_score"]) <= threshold * (1 + 1e-5) for row in accepted)
     assert "on accepted" in done.stdout and f"accepted {len(accepted)} of 12 images" in done.stdout
     # without a gate the report has no such entry
-    from mvit.core.evaluate import evaluate_head
+    from mvit.evaluate.report import evaluate_head
 
     assert "ood" not in evaluate_head(plugin_heads_model(), "dermmel", root, tmp_path / "plain", workers=0)
     assert "ood_score" not in (tmp_path / "plain" / "predictions.csv").read_text().splitlines()[0]

@@ -12,10 +12,10 @@ from torchvision.transforms import v2 as T
 
 import mvit
 from conftest import tiny_model
-from mvit.core import train as training
-from mvit.core.checkpoint import load, save
-from mvit.core.mixing import IGNORE, Mix, mix_images, mixing_active, soft_targets
-from mvit.core.transforms import (
+from mvit.train import trainer as training
+from mvit.infer.model_file import load, save
+from mvit.data.mixing import IGNORE, Mix, mix_images, mixing_active, soft_targets
+from mvit.data.transforms import (
     AcquisitionShift,
     Augmentation,
     Mixing,
@@ -268,12 +268,12 @@ def test_training_curves_leave_matplotlibs_backend_alone_and_show_the_average(de
 
     import matplotlib
 
-    from mvit.core import curves
+    from mvit import plots
 
     previous = matplotlib.get_backend()
     matplotlib.use("svg")  # a user's notebook backend, say
     try:
-        importlib.reload(curves)
+        importlib.reload(plots)
         run = tmp_path / "run"
         training.train(tiny_config(dermmel_root, run, training={"epochs": 2, "ema_decay": 0.5, "best_metric": "roc_auc"}))
         assert matplotlib.get_backend() == "svg"

@@ -310,7 +310,7 @@ def test_registry_commands_do_not_import_torch(tmp_path, args):
     code = textwrap.dedent(
         f"""
         import sys
-        from mvit.cli import app
+        from mvit.cli.app import app
         try:
             app({args!r}, standalone_mode=False)
         finally:

@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 import mvit
-from mvit.core import train as training
-from mvit.core.config import load_config, validate_config
-from mvit.core.sampling import balanced_batches, batches_per_dataset, interleave
+from mvit.train import trainer as training
+from mvit.train.config import load_config, validate_config
+from mvit.data.sampling import balanced_batches, batches_per_dataset, interleave
 from mvit.errors import ConfigError
 from training_data import make_learnable_dermmel, make_learnable_ph2
 
@@ -218,7 +218,7 @@ def test_an_mvit_init_keeps_its_architecture_and_takes_the_configs_regularisatio
 
 
 def test_create_backbone_applies_overrides_to_a_given_config():
-    from mvit.core.vit import ViTConfig
+    from mvit.nn.vit import ViTConfig
 
     backbone = mvit.create_backbone(ViTConfig(image_size=32, patch_size=8, width=32, depth=2, num_heads=2), drop_path=0.2)
     assert backbone.config.drop_path == 0.2 and backbone.config.width == 32

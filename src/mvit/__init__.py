@@ -21,12 +21,12 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it (imported lazily: these pull in torch)
 _LAZY = {
-    "Model": "mvit.core.model",
-    "Prediction": "mvit.core.predict",
-    "load": "mvit.core.checkpoint",
-    "save": "mvit.core.checkpoint",
-    "create_backbone": "mvit.core.weights",
-    "VisionTransformer": "mvit.core.vit",
+    "Model": "mvit.infer.model",
+    "Prediction": "mvit.infer.predict",
+    "load": "mvit.infer.model_file",
+    "save": "mvit.infer.model_file",
+    "create_backbone": "mvit.nn.weights",
+    "VisionTransformer": "mvit.nn.vit",
     "list_heads": "mvit.registry.manager",
     "list_datasets": "mvit.registry.manager",
 }

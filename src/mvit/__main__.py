@@ -1,3 +1,3 @@
-from mvit.cli import main
+from mvit.cli.app import main
 
 main()

@@ -15,11 +15,11 @@ from typing import Any, Optional, Union
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from mvit.core.model import HeadInfo, Model
-from mvit.core.ood import TENSOR_PREFIX as OOD_PREFIX
-from mvit.core.ood import GateInfo, OODGate
-from mvit.core.transforms import Preprocessing
-from mvit.core.vit import VisionTransformer, ViTConfig
+from mvit.infer.model import HeadInfo, Model
+from mvit.infer.ood import TENSOR_PREFIX as OOD_PREFIX
+from mvit.infer.ood import GateInfo, OODGate
+from mvit.data.transforms import Preprocessing
+from mvit.nn.vit import VisionTransformer, ViTConfig
 from mvit.errors import ModelFileError
 
 FORMAT = "mvit-model"

@@ -8,15 +8,15 @@ from typing import TYPE_CHECKING, Iterable, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from mvit.core.heads import ClassifierHead
-from mvit.core.transforms import Preprocessing
-from mvit.core.vit import VisionTransformer
+from mvit.nn.heads import ClassifierHead
+from mvit.data.transforms import Preprocessing
+from mvit.nn.vit import VisionTransformer
 from mvit.errors import MvitError
 from mvit.registry.specs import NAME_PATTERN, HeadConfig, HeadSpec
 
 if TYPE_CHECKING:  # pragma: no cover
-    from mvit.core.ood import OODGate
-    from mvit.core.predict import ImageInput, Prediction
+    from mvit.infer.ood import OODGate
+    from mvit.infer.predict import ImageInput, Prediction
 
 
 class HeadInfo(BaseModel):
@@ -135,13 +135,13 @@ class Model(nn.Module):
     # ---- the friendly API (implemented in predict.py and attention.py) -------------------------
 
     def predict(self, images: "ImageInput", head: Union[None, str, Iterable[str]] = None, **options) -> list["Prediction"]:
-        """Predictions for paths, PIL images, arrays or tensors; see `mvit.core.predict.predict`."""
-        from mvit.core.predict import predict
+        """Predictions for paths, PIL images, arrays or tensors; see `mvit.infer.predict.predict`."""
+        from mvit.infer.predict import predict
 
         return predict(self, images, head=head, **options)
 
     def attention(self, images: "ImageInput", head: Optional[str] = None, **options):
-        """Attention maps for images; see `mvit.core.attention.attention_maps`."""
-        from mvit.core.attention import attention_maps
+        """Attention maps for images; see `mvit.infer.attention.attention_maps`."""
+        from mvit.infer.attention import attention_maps
 
         return attention_maps(self, images, head=head, **options)

@@ -22,10 +22,10 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from mvit.core.images import as_rgb_image
-from mvit.core.model import HeadInfo, Model
-from mvit.core.precision import Precision, autocast, autocast_dtype
-from mvit.core.transforms import eval_transform
+from mvit.data.images import as_rgb_image
+from mvit.infer.model import HeadInfo, Model
+from mvit.nn.precision import Precision, autocast, autocast_dtype
+from mvit.data.transforms import eval_transform
 from mvit.errors import ConfigError, ImageError, MvitError
 
 SingleImage = Union[str, Path, Image.Image, np.ndarray, Tensor]

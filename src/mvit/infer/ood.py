@@ -242,8 +242,8 @@ def pooled_features(
     Returns features (n, D) float32 on the CPU for the inputs that decoded, their positions in
     `items`, and position -> error sentence for those that did not.
     """
-    from mvit.core.precision import autocast
-    from mvit.core.predict import default_workers, image_batches
+    from mvit.nn.precision import autocast
+    from mvit.infer.predict import default_workers, image_batches
 
     device = next(model.parameters()).device
     if workers is None:
@@ -317,9 +317,9 @@ class _Tapped(torch.nn.Module):
 
 def _cached_features(model, paths: list[Path], layer, cache, precision, batch_size, workers, say) -> Tensor:
     """Features (N, D) of `paths` through the HDF5 cache, which computes only those it lacks."""
-    from mvit.core.features import FeatureCache
-    from mvit.core.precision import autocast_dtype
-    from mvit.core.predict import _check_precision, default_workers
+    from mvit.data.features import FeatureCache
+    from mvit.nn.precision import autocast_dtype
+    from mvit.infer.predict import _check_precision, default_workers
 
     _check_precision(precision)
     device = next(model.parameters()).device
@@ -339,7 +339,7 @@ def calibration_paths(model, roots: Mapping[str, Union[str, Path]]) -> tuple[lis
     training leaves it out, so no validation image finds itself in the bank. Augmented copies are
     left out too: the gate should learn what real images look like.
     """
-    from mvit.core.evaluate import split_settings
+    from mvit.evaluate.report import split_settings
     from mvit.registry import leakage, manager, splits
 
     per_dataset = {}

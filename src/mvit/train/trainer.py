@@ -24,18 +24,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from mvit.core import checkpoint
-from mvit.core.config import TrainConfig, validate_config
-from mvit.core.data import LabelledImages
-from mvit.core.evaluate import choose_threshold, classification_metrics, fit_temperature
-from mvit.core.features import FeatureCache
-from mvit.core.mixing import IGNORE, Mix, mix_images, mixing_active, soft_targets
-from mvit.core.model import HeadInfo, Model
-from mvit.core.precision import autocast, autocast_dtype, resolve_device
-from mvit.core.sampling import balanced_batches, batches_per_dataset, interleave, shuffled_batches
-from mvit.core.transforms import eval_transform, train_transform
-from mvit.core.vit import VisionTransformer, named_config
-from mvit.core.weights import create_backbone
+from mvit.infer import model_file
+from mvit.train.config import TrainConfig, validate_config
+from mvit.data.dataset import LabelledImages
+from mvit.evaluate.report import choose_threshold, classification_metrics, fit_temperature
+from mvit.data.features import FeatureCache
+from mvit.data.mixing import IGNORE, Mix, mix_images, mixing_active, soft_targets
+from mvit.infer.model import HeadInfo, Model
+from mvit.nn.precision import autocast, autocast_dtype, resolve_device
+from mvit.data.sampling import balanced_batches, batches_per_dataset, interleave, shuffled_batches
+from mvit.data.transforms import eval_transform, train_transform
+from mvit.nn.vit import VisionTransformer, named_config
+from mvit.nn.weights import create_backbone
 from mvit.errors import ConfigError, MvitError
 from mvit.registry import leakage, manager, splits
 from mvit.registry.specs import Sample
@@ -115,7 +115,7 @@ def build_model(config: TrainConfig, tasks: list[Task], warn: Callable[[str], No
         warn("the backbone starts from RANDOM weights: expect far lower accuracy than from pretrained DeiT weights")
         backbone = create_backbone(b.name, None, **overrides)
     elif init != "timm" and _is_mvit_model(Path(init)):
-        previous = checkpoint.load(init)
+        previous = model_file.load(init)
         backbone = _continued_backbone(previous.backbone, b, init, warn)
         if backbone.config.image_size != config.preprocessing.image_size:
             raise ConfigError(f"{init} was trained at {backbone.config.image_size} px; set preprocessing.image_size to it")
@@ -170,7 +170,7 @@ def _is_mvit_model(path: Path) -> bool:
     if path.suffix != ".safetensors" or not path.is_file():
         return False
     try:
-        checkpoint.read_metadata(path)
+        model_file.read_metadata(path)
         return True
     except MvitError:
         return False
@@ -542,7 +542,7 @@ class Trainer:
 
     def run(self) -> Path:
         """Train; returns the best model file (calibrated on the validation split)."""
-        from mvit.core.progress import progress_bar
+        from mvit.progress import progress_bar
 
         t = self.config.training
         previous_unfrozen = None
@@ -622,7 +622,7 @@ class Trainer:
 
     def _after_epoch(self, epoch: int, record: dict) -> bool:
         """Write metrics, models, curves and state (rank 0); returns whether to stop early."""
-        from mvit.core.curves import plot_training_curves
+        from mvit.plots import plot_training_curves
 
         self.history.append(record)
         with open(self.out / "metrics.jsonl", "a") as file:
@@ -659,7 +659,7 @@ class Trainer:
         for name, head in heads.items():
             self.model.update_head(name, metrics={f"valid_{k}": v for k, v in head["valid"].items()
                                                   if isinstance(v, (int, float)) and math.isfinite(v)})
-        checkpoint.save(self.model, path, provenance=self._provenance(epoch, "exponential moving average" if averaged else "trained"))
+        model_file.save(self.model, path, provenance=self._provenance(epoch, "exponential moving average" if averaged else "trained"))
 
     def _provenance(self, epoch: int, weights: str) -> dict:
         """Each training run this model went through, and the splits of every dataset it has seen
@@ -681,7 +681,7 @@ class Trainer:
         best_path = self.out / "best.safetensors"
         if not best_path.is_file():
             return
-        best = checkpoint.load(best_path, device=self.device)
+        best = model_file.load(best_path, device=self.device)
         self.model.load_state_dict(best.state_dict())
         for name, info in best.heads.items():
             self.model.update_head(name, metrics=dict(info.metrics))
@@ -711,12 +711,12 @@ class Trainer:
         else:
             self.model.ood_gate = self._fit_gate()
         weights = best.provenance["training"][-1].get("weights", "trained")  # a best file from before averaging existed
-        checkpoint.save(self.model, best_path, provenance=self._provenance(self.best_epoch, weights))
+        model_file.save(self.model, best_path, provenance=self._provenance(self.best_epoch, weights))
 
     def _fit_gate(self):
         """The out-of-distribution gate of the best model: its training images' features, and a
         threshold that accepts `accept` of its validation images."""
-        from mvit.core.ood import fit_gate
+        from mvit.infer.ood import fit_gate
 
         g = self.config.calibration.ood_gate
         paths = {split: list(dict.fromkeys(s.path for task in self.tasks for s in task.splits[split])) for split in (TRAIN, VALID)}
@@ -779,7 +779,7 @@ def extract(config: TrainConfig, *, console=None) -> Path:
     """Fill the feature cache for every split of the config's datasets (sharded under torchrun)."""
     from rich.console import Console
 
-    from mvit.core.progress import progress_bar
+    from mvit.progress import progress_bar
 
     console = console or Console(stderr=True)
     device = resolve_device(config.training.device, int(os.environ.get("LOCAL_RANK", "0")))

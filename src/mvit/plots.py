@@ -1,4 +1,4 @@
-"""PNG figures for the evaluation report and the attention maps.
+"""Every figure mvit draws: the evaluation report, attention overlays and training curves.
 
 Figures are built with matplotlib's object API (`matplotlib.figure.Figure`), which renders with Agg
 and never touches pyplot's global state or a display, so it works headless and in threads.
@@ -14,8 +14,8 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 if TYPE_CHECKING:  # pragma: no cover - both modules import this one to draw their figures
-    from mvit.core.attention import AttentionMaps
-    from mvit.core.evaluate import ReliabilityBins
+    from mvit.infer.attention import AttentionMaps
+    from mvit.evaluate.report import ReliabilityBins
 
 DPI = 120
 HEATMAP = "jet"  # the seed's colour map: readers of the old plots know it
@@ -200,3 +200,37 @@ def attention_figures(maps: "AttentionMaps", folder: Path, stem: str, *, title: 
     layers = [f"layer {k + 1}" for k in range(len(maps.per_layer))]
     paths.append(overlay_grid(maps.rgb, maps.per_layer, layers, folder / f"{stem}.layers.png", box=maps.crop_box, title=f"{title}: per layer, mean over heads"))
     return paths
+
+
+# ---- training curves -----------------------------------------------------------------------------
+
+CURVE_LABELS = {"balanced_accuracy": "balanced accuracy", "roc_auc": "ROC AUC", "accuracy": "accuracy"}
+
+
+def plot_training_curves(history: list[dict], path: Path, metric: str = "balanced_accuracy") -> Path:
+    """One row per head (loss, `metric`); dashed lines where a group was unfrozen."""
+    metric = metric if metric in CURVE_LABELS else "balanced_accuracy"  # "loss" already has its column
+    heads = list(history[0]["heads"]) if history else []
+    fig = Figure(figsize=(10, 3 * max(1, len(heads))))
+    axes = fig.subplots(max(1, len(heads)), 2, squeeze=False)
+    epochs = [h["epoch"] + 1 for h in history]
+    steps = [h["epoch"] + 1 for prev, h in zip(history, history[1:]) if h["unfrozen"] != prev["unfrozen"]]
+    for row, name in zip(axes, heads):
+        for ax, key in ((row[0], "loss"), (row[1], metric)):
+            for split, style in (("train", "-"), ("valid", "-o")):
+                values = [h["heads"][name][split].get(key, float("nan")) for h in history]
+                ax.plot(epochs, values, style, label=split, markersize=3)
+            if any("ema" in h for h in history):
+                values = [h["ema"]["heads"][name]["valid"].get(key, float("nan")) if "ema" in h else float("nan") for h in history]
+                ax.plot(epochs, values, ":s", label="valid, weight average", markersize=3)
+            for step in steps:
+                ax.axvline(step - 0.5, color="grey", linestyle="--", linewidth=0.8)
+            ax.set_title(f"{name}: {CURVE_LABELS.get(key, key)}")
+            ax.set_xlabel("epoch")
+            ax.legend()
+    fig.suptitle("dashed lines: a backbone group unfrozen" if steps else "")
+    fig.tight_layout()
+    partial = path.with_name(f".{path.name}.partial.png")
+    fig.savefig(partial, dpi=100)
+    partial.replace(path)
+    return path

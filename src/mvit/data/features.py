@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from mvit.core.images import load_image
-from mvit.core.precision import autocast
-from mvit.core.transforms import Preprocessing, eval_transform
-from mvit.core.vit import VisionTransformer
+from mvit.data.images import load_image
+from mvit.nn.precision import autocast
+from mvit.data.transforms import Preprocessing, eval_transform
+from mvit.nn.vit import VisionTransformer
 from mvit.registry.leakage import content_hash
 
 CACHE_FORMAT = 1

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mvit.core.model import Model
-from mvit.core.predict import calibrated, decide, default_workers, logits_stream
+from mvit.infer.model import Model
+from mvit.infer.predict import calibrated, decide, default_workers, logits_stream
 from mvit.errors import ConfigError, MvitError
 
 DEFAULT_TARGET_SENSITIVITY = 0.9  # missing a melanoma costs more than a false alarm
@@ -335,7 +335,7 @@ def evaluate_head(
     sentence for each thing a reader should know (labels left out, classes without images, images
     the model may have trained on). workers: decoding processes (default: by image count and CPUs).
     """
-    from mvit.core import figures
+    from mvit import plots
     from mvit.registry import manager
 
     model.select_heads(head)
@@ -406,15 +406,15 @@ def evaluate_head(
             verdict = [] if scores is None else [f"{scores[row]:.6g}", int(model.ood_gate.accepts(torch.tensor(scores[row])))]
             writer.writerow([str(paths[index]), true, guess, int(true == guess), *(f"{p:.6f}" for p in probabilities[row]), *verdict])
 
-    figures.confusion_matrix_figure(metrics["confusion_matrix"], info.classes, out / "confusion_matrix.png")
+    plots.confusion_matrix_figure(metrics["confusion_matrix"], info.classes, out / "confusion_matrix.png")
     operating_point = None
     if positive is not None and metrics["sensitivity"] is not None and metrics["specificity"] is not None:
         operating_point = (metrics["specificity"], metrics["sensitivity"])
-    figures.roc_figure(probabilities, targets, info.classes, out / "roc.png", positive=positive, operating_point=operating_point)
-    figures.confidence_figure(
+    plots.roc_figure(probabilities, targets, info.classes, out / "roc.png", positive=positive, operating_point=operating_point)
+    plots.confidence_figure(
         probabilities, targets, info.classes, out / "confidence.png", positive=positive, threshold=metrics.get("threshold")
     )
-    figures.reliability_figure(
+    plots.reliability_figure(
         reliability_bins(raw, targets), reliability_bins(probabilities, targets), out / "reliability.png", temperature=info.temperature
     )
     return metrics

@@ -212,8 +212,8 @@ def _load_model(model_file: Optional[Path], device: str):
     """The model file given, else the bundled one (a clear error until it exists), on `device`."""
     import torch
 
-    from mvit.core import checkpoint
-    from mvit.core.precision import resolve_device
+    from mvit.infer import model_file as model_files
+    from mvit.nn.precision import resolve_device
 
     try:
         chosen = resolve_device(device)
@@ -221,7 +221,7 @@ def _load_model(model_file: Optional[Path], device: str):
         raise MvitError(f"unknown device {device!r}; use {DEVICE_HELP}") from None
     if chosen.type == "cuda" and not torch.cuda.is_available():
         raise MvitError(f"device {device!r} asked for, but PyTorch sees no CUDA GPU here; use --device cpu")
-    return checkpoint.load(model_file if model_file is not None else checkpoint.bundled_model_path(), device=chosen)
+    return model_files.load(model_file if model_file is not None else model_files.bundled_model_path(), device=chosen)
 
 
 def _say(message: str) -> None:
@@ -255,9 +255,9 @@ def predict_command(
     abstain: bool = typer.Option(False, "--abstain", help="label `unknown` on every head for an image the model's out-of-distribution gate flags (see `mvit calibrate`)"),
 ) -> None:
     """Predict images with one or more heads. Files that cannot be read are reported, the rest predicted; exit 1 when any failed."""
-    from mvit.core.images import find_image_files
-    from mvit.core.predict import default_workers, predict_stream
-    from mvit.core.progress import progress_bar
+    from mvit.data.images import find_image_files
+    from mvit.infer.predict import default_workers, predict_stream
+    from mvit.progress import progress_bar
 
     output = _format_of(output, output_file)
     files = find_image_files(paths)
@@ -373,9 +373,9 @@ def attention_command(
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     """Draw where the model looked: last-layer attention, rollout, the class-specific map, and grids per attention head and per layer. Exit 1 when any image failed."""
-    from mvit.core import figures
-    from mvit.core.attention import DEFAULT_BATCH_SIZE, attention_maps
-    from mvit.core.images import find_image_files, load_image
+    from mvit import plots
+    from mvit.infer.attention import DEFAULT_BATCH_SIZE, attention_maps
+    from mvit.data.images import find_image_files, load_image
     from mvit.errors import ImageError
 
     files = find_image_files(images)
@@ -397,7 +397,7 @@ def attention_command(
             continue
         maps = attention_maps(model, [image for _, image in decoded], head, target=target, max_size=max_size)
         for (index, _), found in zip(decoded, maps):
-            for path in figures.attention_figures(found, out, stems[index], title=str(files[index])):
+            for path in plots.attention_figures(found, out, stems[index], title=str(files[index])):
                 stdout.print(str(path), markup=False, highlight=False, soft_wrap=True)
     if failed:
         _say(f"{failed} of {len(files)} images could not be read (see above); maps for the others are in {out}")
@@ -418,7 +418,7 @@ def evaluate_command(
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     """Evaluate one head on a split of its dataset, or of any dataset whose labels match its classes; write the report."""
-    from mvit.core.evaluate import ALL_IMAGES, evaluate_head, split_settings
+    from mvit.evaluate.report import ALL_IMAGES, evaluate_head, split_settings
     from mvit.registry import manager
 
     model = _load_model(model_file, device)
@@ -484,15 +484,15 @@ def calibrate_command(
     cache: Optional[Path] = typer.Option(None, "--cache", help="HDF5 feature cache to keep the features in, so calibrating again (another --method or --accept) skips the backbone"),
 ) -> None:
     """Fit an out-of-distribution gate onto a trained model, without retraining: training images make the reference, the validation split sets the threshold."""
-    from mvit.core import checkpoint
-    from mvit.core.ood import calibration_paths, check_options, fit_gate, resolve_layer
+    from mvit.infer import model_file as model_files
+    from mvit.infer.ood import calibration_paths, check_options, fit_gate, resolve_layer
 
     check_options(method.value, accept, k)
     if len(datasets) != len(roots):
         raise MvitError(f"give one --root per --dataset (got {len(datasets)} datasets and {len(roots)} roots), in the same order")
     if len(set(datasets)) != len(datasets):
         raise MvitError(f"each dataset once, please: {', '.join(datasets)}")
-    source = model_file if model_file is not None else checkpoint.bundled_model_path()
+    source = model_file if model_file is not None else model_files.bundled_model_path()
     model = _load_model(source, device)
     block = resolve_layer(model.backbone, layer)
     train_paths, valid_paths = calibration_paths(model, dict(zip(datasets, roots)))
@@ -501,7 +501,7 @@ def calibrate_command(
     gate = fit_gate(model, train_paths, valid_paths, method=method.value, accept=accept, k=k, layer=block, datasets=datasets,
                     precision=precision.value, batch_size=batch_size, workers=workers, cache=cache, say=_say)
     model.ood_gate = gate
-    checkpoint.save(model, output_file, half=checkpoint.stored_as_half(source))  # as small as the input was
+    model_files.save(model, output_file, half=model_files.stored_as_half(source))  # as small as the input was
     info = gate.info
     rows = [["method", info.method], *([["k", str(info.k)]] if info.k else []),
             ["feature", "pooled class token" if info.layer is None else f"mean patch token after block {info.layer}"],
@@ -525,8 +525,8 @@ def train_command(
     device: str = typer.Option(None, help="Shortcut for --set training.device=NAME (auto, cpu, cuda, mps)."),
 ) -> None:
     """Train heads (and fine-tune the backbone) on one or more datasets."""
-    from mvit.core import train
-    from mvit.core.config import load_config
+    from mvit.train import trainer as train
+    from mvit.train.config import load_config
 
     if resume is not None:
         if config is not None:
@@ -552,8 +552,8 @@ def extract_command(
     set_: list[str] = typer.Option([], "--set", help="Override a config field (repeatable)."),
 ) -> None:
     """Fill the HDF5 feature cache with the backbone features of every image of the config's datasets."""
-    from mvit.core.config import load_config
-    from mvit.core.train import extract
+    from mvit.train.config import load_config
+    from mvit.train.trainer import extract
 
     overrides = list(set_) + ([f'training.feature_cache="{cache.absolute()}"'] if cache is not None else [])
     extract(load_config(config, overrides), console=stderr)

@@ -13,8 +13,8 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from mvit.core import ood
-from mvit.core.transforms import Augmentation, Preprocessing
+from mvit.infer import ood
+from mvit.data.transforms import Augmentation, Preprocessing
 from mvit.errors import ConfigError
 
 
@@ -98,7 +98,7 @@ class TrainingConfig(_Strict):
 
 
 class GateConfig(_Strict):
-    """The out-of-distribution gate fitted at the end of a run (`mvit.core.ood`)."""
+    """The out-of-distribution gate fitted at the end of a run (`mvit.infer.ood`)."""
 
     # true: fit one, or keep the init model's where the backbone stayed frozen (it still fits); false: none
     enabled: bool = True

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mvit.core.transforms import Mixing
+from mvit.data.transforms import Mixing
 
 IGNORE = -100  # target of a sample that a head leaves out
 

@@ -25,10 +25,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from mvit.core.images import as_rgb_image
-from mvit.core.model import Model
-from mvit.core.predict import ImageInput, calibrated, decide, image_id, image_list, thresholds_for
-from mvit.core.transforms import Preprocessing, eval_transform
+from mvit.data.images import as_rgb_image
+from mvit.infer.model import Model
+from mvit.infer.predict import ImageInput, calibrated, decide, image_id, image_list, thresholds_for
+from mvit.data.transforms import Preprocessing, eval_transform
 from mvit.errors import ConfigError, ImageError
 
 DEFAULT_BATCH_SIZE = 8  # each image keeps depth x (h, T, T) attention and its gradient alive

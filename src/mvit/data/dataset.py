@@ -7,7 +7,7 @@ from typing import Callable, Sequence
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from mvit.core.images import load_image
+from mvit.data.images import load_image
 from mvit.registry.specs import Sample
 
 
