@@ -33,7 +33,7 @@ from PIL import Image, ImageDraw
 
 from mvit.infer import model_file
 from mvit.evaluate.report import split_settings
-from mvit.infer.ood import pooled_features
+from mvit.evaluate.gate import pooled_features
 from mvit.registry.records import load_samples
 from mvit.registry.splits import samples_for
 

@@ -22,7 +22,8 @@ import torch
 from mvit.infer import model_file
 from mvit.evaluate.report import split_settings
 from mvit.infer.model import HeadInfo, Model
-from mvit.infer.predict import default_workers, predict_stream
+from mvit.data.dataset import loader_workers
+from mvit.infer.predict import predict_stream
 from mvit.data.transforms import Preprocessing
 from mvit.nn.vit import VisionTransformer, named_config
 from mvit.registry import manager
@@ -50,7 +51,7 @@ def main() -> None:
         model.add_head(HeadInfo.from_spec(spec))
         settings = split_settings({}, spec.dataset)
     paths = [s.path for s, _ in head_targets(spec, samples_for(spec.dataset, args.root, args.split, **settings))]
-    workers = default_workers(len(paths), args.batch_size, args.device)
+    workers = loader_workers(len(paths), args.batch_size, args.device)
 
     results, seconds = {}, {}
     for precision in ("fp32", "bf16"):

@@ -31,7 +31,8 @@ from PIL import Image
 
 from mvit.infer.model import HeadInfo, Model
 from mvit.nn.precision import autocast, autocast_dtype, cpu_has_fast_bfloat16
-from mvit.infer.predict import default_workers, predict_stream
+from mvit.data.dataset import loader_workers
+from mvit.infer.predict import predict_stream
 from mvit.data.transforms import Preprocessing, eval_transform
 from mvit.nn.vit import VisionTransformer, named_config
 from mvit.registry import manager
@@ -117,7 +118,7 @@ def main() -> None:
     device = torch.device(args.device)
     model = build_model(args.backbone).to(device)
     one_head, all_heads = [next(iter(model.heads))], list(model.heads)
-    workers = default_workers(args.images, args.batch_size, device) if args.workers is None else args.workers
+    workers = loader_workers(args.images, args.batch_size, device) if args.workers is None else args.workers
     auto = autocast_dtype("auto", device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU capability {torch.backends.cpu.get_cpu_capability()}"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, {where}, "

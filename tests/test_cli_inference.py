@@ -40,6 +40,19 @@ def test_json_has_one_record_per_image_and_head_equal_to_the_api(capsys, monkeyp
     ]
 
 
+NEGATIVE = {"dermmel": "not_melanoma", "mel": "other"}  # the class each binary head predicts below its threshold
+
+
+def api_predictions(model_file, images):
+    """(image, head) -> the API's prediction with the stored thresholds (dermmel 0.5, mel 0.3)."""
+    return {(str(p.image), p.head): p for p in model_files.load(model_file).predict(images, head=["dermmel", "mel"])}
+
+
+def decided(p_melanoma, head, threshold):
+    """The decision rule, written out: the positive class exactly when its probability reaches the threshold."""
+    return "melanoma" if p_melanoma >= threshold else NEGATIVE[head]
+
+
 def test_csv_has_a_column_per_class_and_the_threshold(capsys, monkeypatch, model_file, images):
     done = mvit(capsys, monkeypatch, "predict", "-m", model_file, "-H", "dermmel", "-H", "mel", "-f", "csv", "--threshold", "0.25", *images)
     assert done.code == 0, done.stderr
@@ -47,11 +60,34 @@ def test_csv_has_a_column_per_class_and_the_threshold(capsys, monkeypatch, model
     assert len(rows) == 6 and [r["head"] for r in rows[:2]] == ["dermmel", "mel"]
     assert set(rows[0]) == {"image", "head", "label", "probability", "threshold", "ood_score", "in_distribution",
                             "p_melanoma", "p_not_melanoma", "p_other"}
+    api = api_predictions(model_file, images)
+    assert {(r["image"], r["head"]) for r in rows} == set(api)
     for row in rows:
+        p_melanoma = api[row["image"], row["head"]].probabilities["melanoma"]
         assert float(row["threshold"]) == 0.25
-        assert row["label"] == ("melanoma" if float(row["p_melanoma"]) >= 0.25 else row["label"])
+        assert float(row["p_melanoma"]) == pytest.approx(p_melanoma, abs=1e-6)
+        assert row["label"] == decided(p_melanoma, row["head"], 0.25)
         assert float(row["probability"]) == float(row[f"p_{row['label']}"])
     assert rows[0]["p_other"] == "" and rows[1]["p_not_melanoma"] == ""  # class the head does not have
+
+
+def test_csv_label_is_the_positive_class_exactly_when_its_probability_reaches_the_given_threshold(
+    capsys, monkeypatch, model_file, images
+):
+    api = api_predictions(model_file, images)
+    p_melanoma = sorted(p.probabilities["melanoma"] for p in api.values())
+    threshold = round((p_melanoma[2] + p_melanoma[3]) / 2, 4)  # half the six (image, head) pairs on each side
+    assert p_melanoma[2] < threshold < p_melanoma[3]
+    expected = {key: decided(p.probabilities["melanoma"], key[1], threshold) for key, p in api.items()}
+    assert sum(label == "melanoma" for label in expected.values()) == 3  # both sides of the rule are exercised
+    assert expected != {key: p.label for key, p in api.items()}  # and the stored thresholds would decide otherwise
+
+    done = mvit(capsys, monkeypatch, "predict", "-m", model_file, "-H", "dermmel", "-H", "mel", "-f", "csv",
+                "--threshold", str(threshold), *images)
+    assert done.code == 0, done.stderr
+    rows = list(csv.DictReader(io.StringIO(done.stdout)))
+    assert {(r["image"], r["head"]): r["label"] for r in rows} == expected
+    assert {float(r["threshold"]) for r in rows} == {threshold}
 
 
 def test_table_for_people_lists_every_head(capsys, monkeypatch, model_file, images, tmp_path):

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from mvit.infer.model import HeadInfo, UnknownHeadError
+from mvit.errors import UnknownHeadError
+from mvit.nn.heads import HeadInfo
 from mvit.errors import MvitError
 
 

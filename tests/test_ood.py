@@ -19,7 +19,8 @@ from datasets_factory import ham_rows, make_ham10000
 from inference_models import plugin_heads_model, saved_model
 from mvit.infer import model_file
 from mvit.infer.model_file import read_metadata
-from mvit.infer.ood import METHODS, calibration_paths, fit_gate, fit_gate_on_features, pooled_features
+from mvit.evaluate.gate import calibration_paths, fit_gate, pooled_features
+from mvit.infer.ood import METHODS, fit_gate_on_features
 from mvit.infer.predict import UNKNOWN
 from mvit.errors import ConfigError, ModelFileError
 from mvit.registry.splits import samples_for

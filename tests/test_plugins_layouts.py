@@ -21,7 +21,7 @@ from datasets_factory import (
 from mvit.errors import DatasetError, PluginError
 from mvit.registry import DatasetSpec, HeadSpec, Sample, hookimpl, manager, splits
 from mvit.registry.check import check_dataset
-from mvit.registry.records import head_targets, load_samples, read_dataset
+from mvit.registry.records import class_indices, load_samples, read_dataset
 
 
 @pytest.fixture(autouse=True)
@@ -193,12 +193,13 @@ def test_check_counts_as_csv(tmp_path, capsys, monkeypatch):
 
 def test_heads_map_labels_to_class_indices(tmp_path):
     samples = load_samples("ham10000", make_ham10000(tmp_path))
-    targets = head_targets(manager.get_head("ham10000-mel"), samples)
-    assert len(targets) == len(samples)
-    assert {sample.label for sample, index in targets if index == 0} == {"mel"}
+    head = manager.get_head("ham10000-mel")
+    indices = class_indices(head, samples)
+    assert len(indices) == len(samples) and None not in indices  # the head uses every HAM10000 label
+    assert {sample.label for sample, index in zip(samples, indices) if head.classes[index] == "melanoma"} == {"mel"}
     stranger = Sample(path=tmp_path / "x.jpg", label="unheard_of", group="x")
     with pytest.raises(DatasetError, match="label 'unheard_of', which head ph2 does not know"):
-        head_targets(manager.get_head("ph2"), [stranger])
+        class_indices(manager.get_head("ph2"), [stranger])
 
 
 # ---- PH2 ---------------------------------------------------------------------------------------

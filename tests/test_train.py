@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import mvit
+from mvit.errors import TrainingDiverged
 from mvit.train import trainer as training
 from mvit.train.config import load_config, validate_config
 from mvit.data.sampling import balanced_batches, batches_per_dataset, interleave
@@ -150,7 +151,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_model(dermmel_roo
         return real_epoch(self, epoch, *args)
 
     monkeypatch.setattr(training.Trainer, "_train_epoch", poison)
-    with pytest.raises(training.TrainingDiverged, match="diverged.*epoch 2"):
+    with pytest.raises(TrainingDiverged, match="diverged.*epoch 2"):
         training.train(tiny_config(dermmel_root, run))
     good = mvit.load(run / "last.safetensors")
     assert all(torch.isfinite(p).all() for p in good.parameters())

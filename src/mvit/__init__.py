@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 # public name -> module that defines it (imported lazily: these pull in torch)
 _LAZY = {
     "Model": "mvit.infer.model",
-    "Prediction": "mvit.infer.predict",
+    "Prediction": "mvit.infer.prediction",
     "load": "mvit.infer.model_file",
     "save": "mvit.infer.model_file",
     "create_backbone": "mvit.nn.weights",

@@ -30,3 +30,11 @@ class DatasetError(MvitError):
 
 class ConfigError(MvitError):
     """A training or evaluation config that does not validate."""
+
+
+class UnknownHeadError(MvitError):
+    """A head name that the model (or the installed plugins) does not have."""
+
+
+class TrainingDiverged(MvitError):
+    """A training run whose loss became NaN or infinite; the last good model is kept."""

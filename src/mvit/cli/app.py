@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 
 from mvit.errors import MvitError
+from mvit.nn.precision import PRECISIONS
 
 app = typer.Typer(
     name="mvit",
@@ -199,10 +200,7 @@ def data_leaks_command(
 # ---- commands: predict, attention, evaluate (inference) -------------------------------------
 
 
-class PrecisionChoice(str, Enum):
-    auto = "auto"
-    fp32 = "fp32"
-    bf16 = "bf16"
+PrecisionChoice = Enum("PrecisionChoice", {name: name for name in PRECISIONS}, type=str)
 
 
 DEVICE_HELP = "auto (a CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N"
@@ -256,7 +254,8 @@ def predict_command(
 ) -> None:
     """Predict images with one or more heads. Files that cannot be read are reported, the rest predicted; exit 1 when any failed."""
     from mvit.data.images import find_image_files
-    from mvit.infer.predict import default_workers, predict_stream
+    from mvit.data.dataset import loader_workers
+    from mvit.infer.predict import predict_stream
     from mvit.progress import progress_bar
 
     output = _format_of(output, output_file)
@@ -267,7 +266,7 @@ def predict_command(
     names = model.select_heads(heads)
     stream = predict_stream(
         model, files, names, threshold=threshold, tta=tta, precision=precision.value, batch_size=batch_size,
-        workers=default_workers(len(files), batch_size, next(model.parameters()).device) if workers is None else workers,
+        workers=loader_workers(len(files), batch_size, next(model.parameters()).device) if workers is None else workers,
         abstain=abstain,
     )
     failed = 0
@@ -485,7 +484,8 @@ def calibrate_command(
 ) -> None:
     """Fit an out-of-distribution gate onto a trained model, without retraining: training images make the reference, the validation split sets the threshold."""
     from mvit.infer import model_file as model_files
-    from mvit.infer.ood import calibration_paths, check_options, fit_gate, resolve_layer
+    from mvit.evaluate.gate import calibration_paths, fit_gate
+    from mvit.infer.ood import check_options, resolve_layer
 
     check_options(method.value, accept, k)
     if len(datasets) != len(roots):

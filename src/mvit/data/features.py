@@ -22,9 +22,8 @@ from typing import Callable, Iterator, Optional, Sequence
 import h5py
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 
-from mvit.data.images import load_image
+from mvit.data.dataset import image_loader, raise_errors
 from mvit.nn.precision import autocast
 from mvit.data.transforms import Preprocessing, eval_transform
 from mvit.nn.vit import VisionTransformer
@@ -43,17 +42,6 @@ def fingerprint(backbone: VisionTransformer, preprocessing: Preprocessing) -> st
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()[:32]
-
-
-class _Images(Dataset):
-    def __init__(self, paths: Sequence[Path], transform: Callable):
-        self.paths, self.transform = list(paths), transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int):
-        return self.transform(load_image(self.paths[index]))
 
 
 class FeatureCache:
@@ -167,13 +155,13 @@ class FeatureCache:
 
     @staticmethod
     def _compute(backbone, preprocessing, paths, device, dtype, batch_size, workers, progress) -> np.ndarray:
-        loader = DataLoader(_Images(paths, eval_transform(preprocessing)), batch_size=batch_size, num_workers=workers)
+        loader = image_loader(paths, eval_transform(preprocessing), batch_size=batch_size, workers=workers, device=device)
         out = []
         with torch.inference_mode(), autocast(device, dtype):
-            for images in loader:  # (B, 3, S, S) -> (B, D)
-                out.append(backbone(images.to(device)).float().cpu().numpy())
+            for batch in raise_errors(loader):  # (B, 3, S, S) -> (B, D)
+                out.append(backbone(batch.images.to(device)).float().cpu().numpy())
                 if progress:
-                    progress(len(images))
+                    progress(len(batch.positions))
         return np.concatenate(out)
 
     # ---- file handling --------------------------------------------------------------------------

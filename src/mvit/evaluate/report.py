@@ -23,7 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mvit.infer.model import Model
-from mvit.infer.predict import calibrated, decide, default_workers, logits_stream
+from mvit.data.dataset import loader_workers
+from mvit.infer.predict import logits_stream
+from mvit.infer.prediction import calibrated, decide
 from mvit.errors import ConfigError, MvitError
 
 DEFAULT_TARGET_SENSITIVITY = 0.9  # missing a melanoma costs more than a false alarm
@@ -351,7 +353,7 @@ def evaluate_head(
     chosen = evaluation_set(head, dataset, root, split, splits)
     items = chosen.items
     paths = [sample.path for sample, _ in items]
-    workers = default_workers(len(paths), batch_size, next(model.parameters()).device) if workers is None else workers
+    workers = loader_workers(len(paths), batch_size, next(model.parameters()).device) if workers is None else workers
 
     rows, logits, unreadable, ood_scores = [], [], [], []
     for batch in logits_stream(model, paths, [head], precision=precision, batch_size=batch_size, workers=workers):

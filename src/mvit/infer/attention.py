@@ -17,7 +17,7 @@ box inside the image, and outside that box a map is 0.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import TYPE_CHECKING, Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -25,11 +25,15 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from mvit.data.dataset import ImageInput
 from mvit.data.images import as_rgb_image
-from mvit.infer.model import Model
-from mvit.infer.predict import ImageInput, calibrated, decide, image_id, image_list, thresholds_for
 from mvit.data.transforms import Preprocessing, eval_transform
 from mvit.errors import ConfigError, ImageError
+from mvit.infer.predict import image_id, image_list
+from mvit.infer.prediction import calibrated, decide, thresholds_for
+
+if TYPE_CHECKING:  # pragma: no cover - Model.attention calls this module
+    from mvit.infer.model import Model
 
 DEFAULT_BATCH_SIZE = 8  # each image keeps depth x (h, T, T) attention and its gradient alive
 
@@ -155,7 +159,7 @@ def attention_maps(
                 return torch.full((len(logits),), chosen, device=logits.device)
         else:
             positive = info.classes.index(info.positive) if info.is_binary else None
-            decision_threshold = thresholds_for(model, [head], threshold if info.is_binary else None)[head]
+            decision_threshold = thresholds_for(model.heads, [head], threshold if info.is_binary else None)[head]
 
             def pick(logits: Tensor) -> Tensor:  # the head's own decision, as `predict` makes it
                 probabilities = calibrated(logits.float(), info).cpu().numpy()  # (B, K)

@@ -3,57 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Iterable, Optional, Union
+from typing import Iterable, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from mvit.nn.heads import ClassifierHead
+from mvit.data.dataset import ImageInput
 from mvit.data.transforms import Preprocessing
+from mvit.errors import MvitError, UnknownHeadError
+from mvit.infer.attention import AttentionMaps, attention_maps
+from mvit.infer.ood import OODGate
+from mvit.infer.predict import predict
+from mvit.infer.prediction import Prediction
+from mvit.nn.heads import ClassifierHead, HeadInfo
 from mvit.nn.vit import VisionTransformer
-from mvit.errors import MvitError
-from mvit.registry.specs import NAME_PATTERN, HeadConfig, HeadSpec
-
-if TYPE_CHECKING:  # pragma: no cover
-    from mvit.infer.ood import OODGate
-    from mvit.infer.predict import ImageInput, Prediction
-
-
-class HeadInfo(BaseModel):
-    """What a trained head predicts and how to read it. Stored in the model file."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(pattern=NAME_PATTERN)
-    dataset: str
-    classes: tuple[str, ...]
-    positive: Optional[str] = None  # the class a binary head screens for
-    config: HeadConfig = Field(default_factory=HeadConfig)
-    # Binary heads: predict `positive` when its calibrated probability is at least this.
-    threshold: Optional[float] = Field(default=None, ge=0, le=1)
-    threshold_target: Optional[str] = None  # how the threshold was chosen, e.g. "sensitivity >= 0.90 on valid"
-    temperature: float = Field(default=1.0, gt=0)  # logits are divided by it before the softmax
-    metrics: dict[str, float] = Field(default_factory=dict)  # measured on held-out data, when known
-    description: str = ""
-
-    @classmethod
-    def from_spec(cls, spec: HeadSpec) -> "HeadInfo":
-        return cls(
-            name=spec.name,
-            dataset=spec.dataset,
-            classes=spec.classes,
-            positive=spec.positive,
-            config=spec.config,
-            description=spec.description,
-        )
-
-    @property
-    def is_binary(self) -> bool:
-        return len(self.classes) == 2 and self.positive is not None
-
-
-class UnknownHeadError(MvitError):
-    pass
+from mvit.registry.specs import HeadSpec
 
 
 class Model(nn.Module):
@@ -68,7 +31,7 @@ class Model(nn.Module):
         self.provenance: dict = {}  # where the model came from: training runs, data splits; kept on save
         # the out-of-distribution gate on a backbone feature (None: no gate; see ood.py). A plain
         # object, so its tensors are saved by checkpoint.save but are not in state_dict()
-        self.ood_gate: Optional["OODGate"] = None
+        self.ood_gate: Optional[OODGate] = None
 
     # ---- heads ------------------------------------------------------------------------------
 
@@ -134,14 +97,10 @@ class Model(nn.Module):
 
     # ---- the friendly API (implemented in predict.py and attention.py) -------------------------
 
-    def predict(self, images: "ImageInput", head: Union[None, str, Iterable[str]] = None, **options) -> list["Prediction"]:
+    def predict(self, images: ImageInput, head: Union[None, str, Iterable[str]] = None, **options) -> list[Prediction]:
         """Predictions for paths, PIL images, arrays or tensors; see `mvit.infer.predict.predict`."""
-        from mvit.infer.predict import predict
-
         return predict(self, images, head=head, **options)
 
-    def attention(self, images: "ImageInput", head: Optional[str] = None, **options):
+    def attention(self, images: ImageInput, head: Optional[str] = None, **options) -> list[AttentionMaps]:
         """Attention maps for images; see `mvit.infer.attention.attention_maps`."""
-        from mvit.infer.attention import attention_maps
-
         return attention_maps(self, images, head=head, **options)

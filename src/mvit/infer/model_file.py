@@ -15,7 +15,8 @@ from typing import Any, Optional, Union
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from mvit.infer.model import HeadInfo, Model
+from mvit.infer.model import Model
+from mvit.nn.heads import HeadInfo
 from mvit.infer.ood import TENSOR_PREFIX as OOD_PREFIX
 from mvit.infer.ood import GateInfo, OODGate
 from mvit.data.transforms import Preprocessing

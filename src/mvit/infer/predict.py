@@ -12,102 +12,27 @@ backbone feature, from the same backbone pass, and can abstain: label `unknown` 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
 
-from mvit.data.images import as_rgb_image
-from mvit.infer.model import HeadInfo, Model
-from mvit.nn.precision import Precision, autocast, autocast_dtype
+from mvit.data.dataset import ImageBatch, ImageInput, SingleImage, image_loader
 from mvit.data.transforms import eval_transform
 from mvit.errors import ConfigError, ImageError, MvitError
+from mvit.infer.prediction import UNKNOWN, ImageResult, Prediction, calibrated, decide, thresholds_for
+from mvit.nn.precision import Precision, autocast, autocast_dtype
 
-SingleImage = Union[str, Path, Image.Image, np.ndarray, Tensor]
-ImageInput = Union[SingleImage, Sequence[SingleImage]]
+if TYPE_CHECKING:  # pragma: no cover - Model.predict calls this module
+    from mvit.infer.model import Model
+
 HeadSelection = Union[None, str, Iterable[str]]
 
 DEFAULT_BATCH_SIZE = 32
-PRECISIONS = ("auto", "fp32", "bf16")
-UNKNOWN = "unknown"  # the label of every head for an image the gate flags, when abstaining
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """One head's answer for one image."""
-
-    image: Union[str, int]  # the path as given, or the position in the input list for in-memory images
-    head: str
-    label: str  # the decided class: thresholded for a binary head, the most probable class otherwise
-    probabilities: Mapping[str, float]  # class name -> probability, calibrated by the head's temperature
-    threshold: Optional[float]  # binary heads: the positive-class probability needed to predict it
-    # the out-of-distribution gate's verdict on the image (the same on every head); None without a gate
-    ood_score: Optional[float] = None  # higher = less like the training images
-    in_distribution: Optional[bool] = None  # ood_score <= the gate's threshold
-
-    @property
-    def probability(self) -> Optional[float]:
-        """The probability of the decided label; None when the label is `unknown` (abstained)."""
-        return self.probabilities.get(self.label)
-
-    def as_dict(self) -> dict:
-        return {**asdict(self), "probabilities": dict(self.probabilities)}
-
-
-@dataclass(frozen=True)
-class ImageResult:
-    """One input's outcome: a prediction per selected head, or the one sentence saying why it failed."""
-
-    image: Union[str, int]
-    predictions: tuple[Prediction, ...] = ()
-    error: Optional[str] = None
-
-
-@dataclass(frozen=True)
-class LogitsBatch:
-    """Raw logits for the inputs of one batch that decoded, and errors for those that did not."""
-
-    indices: list[int]  # positions in the input list, one per logits row
-    logits: dict[str, Tensor]  # head -> (b, K) float32 on the CPU
-    errors: dict[int, str]  # input position -> what is wrong with it
-    ood_scores: Optional[Tensor] = None  # (b,) float32 on the CPU, when the model has a gate
-
-
-# ---- decoding ---------------------------------------------------------------------------------------
-
-
-class _DecodedImages(Dataset):
-    """Input i -> (i, normalised image (3, S, S) or None, error sentence or None).
-
-    A bad image is returned as its error instead of raised, so one bad file in a batch never takes
-    the batch (or a worker process) down with it.
-    """
-
-    def __init__(self, items: Sequence[SingleImage], transform):
-        self.items = items
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int):
-        try:
-            return index, self.transform(as_rgb_image(self.items[index])), None
-        except ImageError as error:
-            return index, None, str(error)
-
-
-def _collate(batch):
-    """[(i, image (3, S, S) | None, error | None)] -> (decoded positions, images (b, 3, S, S) | None, errors)."""
-    decoded = [(index, image) for index, image, _ in batch if image is not None]
-    images = torch.stack([image for _, image in decoded]) if decoded else None
-    errors = {index: error for index, _, error in batch if error is not None}
-    return [index for index, _ in decoded], images, errors
 
 
 def image_id(item: SingleImage, index: int) -> Union[str, int]:
@@ -124,12 +49,17 @@ def image_list(images: ImageInput) -> list[SingleImage]:
     return list(images)
 
 
+@dataclass(frozen=True)
+class LogitsBatch:
+    """Raw logits for the inputs of one batch that decoded, and errors for those that did not."""
+
+    indices: list[int]  # positions in the input list, one per logits row
+    logits: dict[str, Tensor]  # head -> (b, K) float32 on the CPU
+    errors: dict[int, str]  # input position -> what is wrong with it
+    ood_scores: Optional[Tensor] = None  # (b,) float32 on the CPU, when the model has a gate
+
+
 # ---- the model side -----------------------------------------------------------------------------------
-
-
-def _check_precision(precision: str) -> None:
-    if precision not in PRECISIONS:
-        raise ConfigError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
 
 
 def forward_images(
@@ -168,23 +98,16 @@ def image_batches(
     precision: Precision = "auto",
     batch_size: int = DEFAULT_BATCH_SIZE,
     workers: int = 0,
-) -> Iterator[tuple[list[int], Optional[Tensor], dict[int, str], Optional[torch.dtype]]]:
-    """Decoded batches in input order, decoding in `workers` processes ahead of the model: (positions,
-    normalised images (b, 3, S, S) on the model's device or None, errors, autocast dtype)."""
-    _check_precision(precision)
+) -> Iterator[tuple[ImageBatch, Optional[torch.dtype]]]:
+    """Decoded batches in input order, decoding in `workers` processes ahead of the model, with the
+    images moved to the model's device; and the autocast dtype to run them in."""
     device = next(model.parameters()).device
     dtype = autocast_dtype(precision, device)
     model.eval()
-    loader = DataLoader(
-        _DecodedImages(items, eval_transform(model.preprocessing)),
-        batch_size=batch_size,
-        num_workers=workers,
-        collate_fn=_collate,
-        pin_memory=device.type == "cuda",
-        prefetch_factor=2 if workers else None,  # bounded read-ahead: memory does not grow with the file count
-    )
-    for indices, images, errors in loader:
-        yield indices, None if images is None else images.to(device, non_blocking=True), errors, dtype
+    for batch in image_loader(items, eval_transform(model.preprocessing), batch_size=batch_size, workers=workers, device=device):
+        if batch.images is not None:
+            batch.images = batch.images.to(device, non_blocking=True)
+        yield batch, dtype
 
 
 def logits_stream(
@@ -199,43 +122,9 @@ def logits_stream(
 ) -> Iterator[LogitsBatch]:
     """Raw logits (and gate scores) batch by batch, in input order."""
     names = model.select_heads(heads)
-    for indices, images, errors, dtype in image_batches(model, items, precision=precision, batch_size=batch_size, workers=workers):
-        logits, scores = ({}, None) if images is None else forward_images(model, images, names, tta=tta, dtype=dtype)
-        yield LogitsBatch(indices, logits, errors, scores)
-
-
-# ---- decisions ------------------------------------------------------------------------------------------
-
-
-def decide(probabilities: np.ndarray, positive_index: Optional[int], threshold: Optional[float]) -> np.ndarray:
-    """Probabilities (N, K) -> class indices (N,): a binary head predicts its positive class when that
-    class's probability is at least the threshold; any other head predicts its most probable class."""
-    if positive_index is None or threshold is None:
-        return probabilities.argmax(axis=1)
-    return np.where(probabilities[:, positive_index] >= threshold, positive_index, 1 - positive_index)
-
-
-def calibrated(logits: Tensor, info: HeadInfo) -> Tensor:
-    """Logits (N, K) -> probabilities (N, K) after the head's temperature scaling."""
-    return (logits / info.temperature).softmax(dim=-1)
-
-
-def thresholds_for(model: Model, heads: list[str], override: Optional[float]) -> dict[str, Optional[float]]:
-    """Each head's decision threshold: `override`, else the stored one, else 0.5; None for multi-class."""
-    if override is not None:
-        if not 0.0 <= override <= 1.0:
-            raise ConfigError(f"a threshold is a probability between 0 and 1, got {override}")
-        if not any(model.heads[name].is_binary for name in heads):
-            raise ConfigError(
-                f"a threshold applies to binary heads only, and {', '.join(heads)} "
-                f"{'is' if len(heads) == 1 else 'are'} not binary; leave out --threshold"
-            )
-    chosen = {}
-    for name in heads:
-        info = model.heads[name]
-        stored = info.threshold if info.threshold is not None else 0.5
-        chosen[name] = (override if override is not None else stored) if info.is_binary else None
-    return chosen
+    for batch, dtype in image_batches(model, items, precision=precision, batch_size=batch_size, workers=workers):
+        logits, scores = ({}, None) if batch.images is None else forward_images(model, batch.images, names, tta=tta, dtype=dtype)
+        yield LogitsBatch(batch.positions, logits, batch.errors, scores)
 
 
 def _predictions(
@@ -290,7 +179,7 @@ def predict_stream(
     or option raises here, before any image is read.
     """
     names = model.select_heads(head)
-    thresholds = thresholds_for(model, names, threshold)
+    thresholds = thresholds_for(model.heads, names, threshold)
     if abstain and model.ood_gate is None:
         raise ConfigError(
             "abstaining needs a model with an out-of-distribution gate, and this one has none; "
@@ -347,17 +236,3 @@ def predict(
             raise ImageError(result.error if isinstance(result.image, str) else f"image {result.image}: {result.error}")
         predictions.extend(result.predictions)
     return predictions
-
-
-def default_workers(count: int, batch_size: int = DEFAULT_BATCH_SIZE, device: Union[str, torch.device] = "cpu") -> int:
-    """Decoding processes for `count` files: none for a single batch (starting them costs more than
-    it saves). On a GPU up to 8, since decoding is then the bottleneck. On a CPU one per 8 cores:
-    the model's threads use every core, each decoding process takes one from them, and one process
-    decodes about 230 lesion JPEGs/s, more than a CPU forward of a DeiT model needs."""
-    if count <= batch_size:
-        return 0
-    import os
-
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    most = min(8, cpus) if torch.device(device).type == "cuda" else max(1, cpus // 8)
-    return max(1, min(most, math.ceil(count / batch_size)))

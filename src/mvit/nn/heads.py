@@ -1,10 +1,14 @@
-"""Classifier heads: a small MLP from the pooled backbone feature (B, D) to class logits (B, K)."""
+"""Classifier heads: a small MLP from the pooled backbone feature (B, D) to class logits (B, K),
+and `HeadInfo`, what a trained head predicts and how to read it."""
 
 from __future__ import annotations
 
+from typing import Optional
+
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from mvit.registry.specs import HeadConfig
+from mvit.registry.specs import NAME_PATTERN, HeadConfig, HeadSpec
 
 
 class ClassifierHead(nn.Module):
@@ -31,3 +35,36 @@ class ClassifierHead(nn.Module):
 
     def forward(self, features: Tensor) -> Tensor:
         return self.layers(features)  # (B, D) -> (B, K)
+
+
+class HeadInfo(BaseModel):
+    """What a trained head predicts and how to read it. Stored in the model file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=NAME_PATTERN)
+    dataset: str
+    classes: tuple[str, ...]
+    positive: Optional[str] = None  # the class a binary head screens for
+    config: HeadConfig = Field(default_factory=HeadConfig)
+    # Binary heads: predict `positive` when its calibrated probability is at least this.
+    threshold: Optional[float] = Field(default=None, ge=0, le=1)
+    threshold_target: Optional[str] = None  # how the threshold was chosen, e.g. "sensitivity >= 0.90 on valid"
+    temperature: float = Field(default=1.0, gt=0)  # logits are divided by it before the softmax
+    metrics: dict[str, float] = Field(default_factory=dict)  # measured on held-out data, when known
+    description: str = ""
+
+    @classmethod
+    def from_spec(cls, spec: HeadSpec) -> "HeadInfo":
+        return cls(
+            name=spec.name,
+            dataset=spec.dataset,
+            classes=spec.classes,
+            positive=spec.positive,
+            config=spec.config,
+            description=spec.description,
+        )
+
+    @property
+    def is_binary(self) -> bool:
+        return len(self.classes) == 2 and self.positive is not None

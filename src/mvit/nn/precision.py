@@ -1,29 +1,43 @@
 """Where and in which number format to compute: the device, and bfloat16 autocast where the
-hardware runs it fast, else float32.
+hardware runs it fast, else float32. The one list of precision choices (`PRECISIONS`) that the
+config, the CLI and the API accept.
 
 bfloat16 matrix work is fast on CUDA GPUs and on CPUs with AMX (Intel Sapphire Rapids and later). On
 other CPUs it is emulated and several times slower than float32, so `auto` must not pick it there.
+
+torch is imported inside the functions: the CLI reads `PRECISIONS` to build its options, and
+`mvit --help` must not pay for importing torch.
 """
 
 from __future__ import annotations
 
 import contextlib
 from functools import lru_cache
-from typing import Literal, Optional
+from typing import TYPE_CHECKING, Literal, Optional, get_args
 
-import torch
+from mvit.errors import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 Precision = Literal["auto", "fp32", "bf16"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 
 
 @lru_cache(maxsize=1)
 def cpu_has_fast_bfloat16() -> bool:
+    import torch
+
     get_capabilities = getattr(torch.cpu, "get_capabilities", None)
     return bool(get_capabilities and get_capabilities().get("amx_bf16"))
 
 
 def autocast_dtype(precision: Precision, device: torch.device) -> Optional[torch.dtype]:
     """The autocast dtype for `precision` on `device`; None means plain float32."""
+    import torch
+
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if precision == "fp32":
         return None
     if precision == "bf16":
@@ -33,6 +47,8 @@ def autocast_dtype(precision: Precision, device: torch.device) -> Optional[torch
 
 
 def autocast(device: torch.device, dtype: Optional[torch.dtype]) -> contextlib.AbstractContextManager:
+    import torch
+
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
@@ -40,6 +56,8 @@ def autocast(device: torch.device, dtype: Optional[torch.dtype]) -> contextlib.A
 
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     """`auto`: this process's CUDA GPU (its torchrun local rank), else Apple's MPS, else the CPU."""
+    import torch
+
     if name != "auto":
         return torch.device(name)
     if torch.cuda.is_available():

@@ -8,7 +8,7 @@ naming the plugin instead of a traceback from deep inside training.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Optional
 
 from mvit.errors import DatasetError, PluginError
 from mvit.registry import manager
@@ -76,9 +76,11 @@ def find_images(spec: DatasetSpec, root: Path) -> list[Path]:
     return spec.find_images(root) if spec.find_images is not None else image_files(root)
 
 
-def head_targets(head: HeadSpec, samples: Iterable[Sample]) -> list[tuple[Sample, int]]:
-    """Each sample the head uses, with the index of its class; samples the head leaves out are dropped."""
-    targets = []
+def class_indices(head: HeadSpec, samples: Iterable[Sample]) -> list[Optional[int]]:
+    """Each sample's class index for `head`, None where the head leaves its label out on purpose
+    (mapped to None). A label the head does not know at all is an error: dropping those images
+    silently would hide a typo in the head's label map."""
+    indices: list[Optional[int]] = []
     for sample in samples:
         if sample.label not in head.label_map and sample.label not in head.classes:
             raise DatasetError(
@@ -86,9 +88,8 @@ def head_targets(head: HeadSpec, samples: Iterable[Sample]) -> list[tuple[Sample
                 f"(its classes: {', '.join(head.classes)})"
             )
         cls = head.class_of(sample.label)
-        if cls is not None:
-            targets.append((sample, head.classes.index(cls)))
-    return targets
+        indices.append(None if cls is None else head.classes.index(cls))
+    return indices
 
 
 def _provider(dataset: str) -> str:

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from mvit.infer import ood
 from mvit.data.transforms import Augmentation, Preprocessing
 from mvit.errors import ConfigError
+from mvit.nn.precision import Precision
 
 
 class _Strict(BaseModel):
@@ -91,7 +92,7 @@ class TrainingConfig(_Strict):
     early_stopping: Optional[int] = Field(default=10, ge=1)  # epochs without improvement; None: never stop
     seed: int = 0
     device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Precision = "auto"
     workers: Union[int, Literal["auto"]] = "auto"
     # frozen backbone and no augmentation: read backbone features from this HDF5 cache
     feature_cache: Optional[Path] = None

@@ -16,36 +16,33 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
 from mvit.infer import model_file
 from mvit.train.config import TrainConfig, validate_config
-from mvit.data.dataset import LabelledImages
+from mvit.data.dataset import ImageBatch, image_loader, loader_workers, raise_errors
 from mvit.evaluate.report import choose_threshold, classification_metrics, fit_temperature
 from mvit.data.features import FeatureCache
 from mvit.data.mixing import IGNORE, Mix, mix_images, mixing_active, soft_targets
-from mvit.infer.model import HeadInfo, Model
+from mvit.infer.model import Model
+from mvit.nn.heads import HeadInfo
 from mvit.nn.precision import autocast, autocast_dtype, resolve_device
 from mvit.data.sampling import balanced_batches, batches_per_dataset, interleave, shuffled_batches
 from mvit.data.transforms import eval_transform, train_transform
 from mvit.nn.vit import VisionTransformer, named_config
 from mvit.nn.weights import create_backbone
-from mvit.errors import ConfigError, MvitError
+from mvit.errors import ConfigError, MvitError, TrainingDiverged
 from mvit.registry import leakage, manager, splits
+from mvit.registry.records import class_indices
 from mvit.registry.specs import Sample
 
 TRAIN, VALID = "train", "valid"
 STATE_FILE = "state.pt"
-
-
-class TrainingDiverged(MvitError):
-    pass
 
 
 # ---- what is trained on -------------------------------------------------------------------------
@@ -60,8 +57,8 @@ class Task:
     splits: dict[str, list[Sample]]
     targets: dict[str, Tensor]  # split -> (N, len(heads)) class indices, IGNORE where a head leaves a sample out
 
-    def images(self, split: str, transform: Callable) -> LabelledImages:
-        return LabelledImages(list(zip(self.splits[split], self.targets[split])), transform)
+    def paths(self, split: str) -> list[Path]:
+        return [sample.path for sample in self.splits[split]]
 
 
 def build_tasks(config: TrainConfig, say: Callable[[str], None]) -> list[Task]:
@@ -86,7 +83,8 @@ def build_tasks(config: TrainConfig, say: Callable[[str], None]) -> list[Task]:
         specs = [manager.get_head(name) for name in heads[entry.name]]
         targets, kept = {}, {}
         for split, samples in cleaned[entry.name].items():
-            rows = [[_class_index(spec, sample) for spec in specs] for sample in samples]
+            per_head = [class_indices(spec, samples) for spec in specs]  # (heads, N), None where left out
+            rows = [[IGNORE if index is None else index for index in row] for row in zip(*per_head)]  # (N, heads)
             used = [i for i, row in enumerate(rows) if any(t != IGNORE for t in row)]
             kept[split] = [samples[i] for i in used]
             targets[split] = torch.tensor([rows[i] for i in used], dtype=torch.long).reshape(len(used), len(specs))
@@ -95,11 +93,6 @@ def build_tasks(config: TrainConfig, say: Callable[[str], None]) -> list[Task]:
                 raise ConfigError(f"dataset {entry.name} has no images in its {split} split; check its root and split settings")
         tasks.append(Task(entry.name, heads[entry.name], kept, targets))
     return tasks
-
-
-def _class_index(spec, sample: Sample) -> int:
-    cls = spec.class_of(sample.label)
-    return spec.classes.index(cls) if cls is not None else IGNORE
 
 
 # ---- the model --------------------------------------------------------------------------------
@@ -415,20 +408,14 @@ class Trainer:
         steps = steps[: len(steps) // world * world]  # every rank takes the same number of steps
         return steps[self.processes.rank :: world]
 
-    def _workers(self) -> int:
-        workers = self.config.training.workers
-        if workers != "auto":
-            return workers
-        cpus = os.cpu_count() or 1
-        return 0 if self.device.type == "cpu" and cpus <= 4 else min(8, cpus // self.processes.world)
+    def _workers(self, count: int) -> int:
+        return decoding_workers(self.config, count, self.device, self.processes.world)
 
-    def _loader(self, dataset, batch_sampler) -> DataLoader:
-        workers = self._workers()
-        return DataLoader(
-            dataset, batch_sampler=batch_sampler, num_workers=workers,
-            pin_memory=self.device.type == "cuda", persistent_workers=False,
-            prefetch_factor=4 if workers else None,
-        )
+    def _loader(self, paths: list[Path], transform: Callable, batches: list[list[int]]) -> Iterator[ImageBatch]:
+        """Decoded batches of `paths` as `batches` lists them; an unreadable image stops the run with its sentence."""
+        count = sum(len(batch) for batch in batches)
+        loader = image_loader(paths, transform, batch_sampler=batches, workers=self._workers(count), device=self.device)
+        return raise_errors(loader)
 
     def _cached_features(self, task: Task, split: str, *, all_ranks: bool) -> Tensor:
         """Backbone features (N, D) of a split from the cache; `all_ranks`: every rank is here, so
@@ -436,7 +423,7 @@ class Trainer:
         if (task.dataset, split) in self._features:  # the backbone has not changed since
             return self._features[task.dataset, split]
         paths = [s.path for s in task.splits[split]]
-        options = dict(device=self.device, dtype=self.dtype, workers=self._workers())
+        options = dict(device=self.device, dtype=self.dtype, workers=self._workers(len(paths)))
         if all_ranks and self.processes.world > 1:
             self.cache.extract(self.model.backbone, self.config.preprocessing, paths,
                                shard=(self.processes.rank, self.processes.world), **options)
@@ -455,7 +442,7 @@ class Trainer:
         else:
             transform = train_transform(self.config.preprocessing, self.config.augmentation)
             loaders = [
-                iter(self._loader(task.images(TRAIN, transform), [batch for i, batch in steps if i == k]))
+                self._loader(task.paths(TRAIN), transform, [batch for i, batch in steps if i == k])
                 for k, task in enumerate(self.tasks)
             ]
         stats = {name: _HeadStats() for task in self.tasks for name in task.heads}
@@ -468,7 +455,8 @@ class Trainer:
             if use_cache:
                 inputs, targets = sources[k][batch], task.targets[TRAIN][batch]
             else:
-                inputs, targets, _ = next(loaders[k])
+                decoded = next(loaders[k])
+                inputs, targets = decoded.images, task.targets[TRAIN][decoded.positions]
             inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
             inputs, mix = mix_images(inputs, mixing) if mixing_on else (inputs, Mix.none(len(targets), self.device))
             with autocast(self.device, self.dtype):
@@ -524,14 +512,14 @@ class Trainer:
         return results, valid_logits
 
     def _logits(self, task: Task, split: str, progress) -> dict[str, Tensor]:
-        dataset = task.images(split, eval_transform(self.config.preprocessing))
+        paths = task.paths(split)
         size = self.config.training.batch_size * 2
-        batches = [list(range(i, min(i + size, len(dataset)))) for i in range(0, len(dataset), size)]
+        batches = [list(range(i, min(i + size, len(paths)))) for i in range(0, len(paths), size)]
         bar = progress.add_task(f"{task.dataset} {split}", total=len(batches))
         out: dict[str, list[Tensor]] = {name: [] for name in task.heads}
-        for images, _, _ in self._loader(dataset, batches):
+        for batch in self._loader(paths, eval_transform(self.config.preprocessing), batches):
             with autocast(self.device, self.dtype):
-                logits = self.model(images.to(self.device), task.heads)
+                logits = self.model(batch.images.to(self.device), task.heads)
             for name in task.heads:
                 out[name].append(logits[name].float().cpu())
             progress.advance(bar)
@@ -716,13 +704,13 @@ class Trainer:
     def _fit_gate(self):
         """The out-of-distribution gate of the best model: its training images' features, and a
         threshold that accepts `accept` of its validation images."""
-        from mvit.infer.ood import fit_gate
+        from mvit.evaluate.gate import fit_gate
 
         g = self.config.calibration.ood_gate
         paths = {split: list(dict.fromkeys(s.path for task in self.tasks for s in task.splits[split])) for split in (TRAIN, VALID)}
         gate = fit_gate(self.model, paths[TRAIN], paths[VALID], method=g.method, accept=g.accept, layer=g.layer,
                         datasets=[task.dataset for task in self.tasks], precision=self.config.training.precision,
-                        workers=self._workers(), cache=self.cache.path, say=self.say)
+                        workers=self._workers(len(paths[TRAIN])), cache=self.cache.path, say=self.say)
         self.say(f"out-of-distribution gate: {gate.method} on {len(paths[TRAIN])} training images of "
                  f"{', '.join(task.dataset for task in self.tasks)}, accepting {g.accept:.0%} of validation images")
         return gate
@@ -775,6 +763,12 @@ def resume(run: Path, *, console=None) -> Path:
     return Trainer(config, console=console, resume=True).run()
 
 
+def decoding_workers(config: TrainConfig, count: int, device: torch.device, processes: int) -> int:
+    """The config's `workers`, or for "auto" the loader's choice for `count` images per process."""
+    workers = config.training.workers
+    return loader_workers(count, config.training.batch_size, device, processes) if workers == "auto" else workers
+
+
 def extract(config: TrainConfig, *, console=None) -> Path:
     """Fill the feature cache for every split of the config's datasets (sharded under torchrun)."""
     from rich.console import Console
@@ -789,7 +783,7 @@ def extract(config: TrainConfig, *, console=None) -> Path:
     model = build_model(config, tasks, say).to(device)
     cache = FeatureCache(config.training.feature_cache or Path(config.output) / "features.h5", warn=say)
     paths = list(dict.fromkeys(s.path for task in tasks for samples in task.splits.values() for s in samples))
-    workers = 0 if device.type == "cpu" and (os.cpu_count() or 1) <= 4 else min(8, (os.cpu_count() or 1) // processes.world)
+    workers = decoding_workers(config, len(paths), device, processes.world)
     with progress_bar(console, disable=not processes.main) as progress:
         bar = progress.add_task("extracting features", total=len(paths))
         computed = cache.extract(model.backbone, config.preprocessing, paths, device=device,

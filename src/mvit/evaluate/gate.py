@@ -1,0 +1,151 @@
+"""Fitting the out-of-distribution gate (`mvit.infer.ood`) from a model's own images.
+
+The gate learns the training images' backbone features and chooses its threshold on the
+validation images, split exactly as the model was trained (the settings its file recorded), so
+`mvit calibrate` can fit a gate onto any model, and training ends by fitting one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from mvit.data.dataset import loader_workers
+from mvit.data.features import FeatureCache
+from mvit.errors import ConfigError
+from mvit.evaluate.report import split_settings
+from mvit.infer.ood import (
+    DEFAULT_ACCEPT,
+    DEFAULT_K,
+    DEFAULT_LAYER,
+    DEFAULT_METHOD,
+    OODGate,
+    backbone_pass,
+    check_options,
+    fit_gate_on_features,
+    resolve_layer,
+)
+from mvit.infer.predict import image_batches
+from mvit.nn.precision import autocast, autocast_dtype
+from mvit.registry import leakage, manager, splits
+
+
+def pooled_features(
+    model,
+    items: Sequence,
+    *,
+    layer: Optional[int] = None,
+    precision: str = "auto",
+    batch_size: int = 32,
+    workers: Optional[int] = None,
+) -> tuple[Tensor, list[int], dict[int, str]]:
+    """Backbone features of images (paths or anything `predict` takes), with predict's pipeline:
+    the pooled class token (layer None) or the mean patch token after block `layer`.
+
+    Returns features (n, D) float32 on the CPU for the inputs that decoded, their positions in
+    `items`, and position -> error sentence for those that did not.
+    """
+    device = next(model.parameters()).device
+    if workers is None:
+        workers = loader_workers(len(items), batch_size, device)
+    rows, kept, errors = [], [], {}
+    for batch, dtype in image_batches(model, items, precision=precision, batch_size=batch_size, workers=workers):
+        errors.update(batch.errors)
+        if batch.images is not None:
+            with torch.inference_mode(), autocast(device, dtype):
+                rows.append(backbone_pass(model.backbone, batch.images, layer)[1].float().cpu())  # (b, D)
+            kept += batch.positions
+    features = torch.cat(rows) if rows else torch.empty(0, model.backbone.width)
+    return features, kept, errors
+
+
+def fit_gate(
+    model,
+    train_paths: Sequence[Union[str, Path]],
+    valid_paths: Sequence[Union[str, Path]],
+    *,
+    method: str = DEFAULT_METHOD,
+    accept: float = DEFAULT_ACCEPT,
+    k: int = DEFAULT_K,
+    layer: Union[None, int, str] = DEFAULT_LAYER,
+    datasets: Sequence[str] = (),
+    precision: str = "auto",
+    batch_size: int = 32,
+    workers: Optional[int] = None,
+    cache: Union[None, str, Path] = None,
+    say: Callable[[str], None] = lambda message: None,
+) -> OODGate:
+    """Fit a gate for `model` on its training images and choose its threshold on validation images.
+
+    Does not attach it: `model.ood_gate = fit_gate(...)`, then `model_file.save(model, ...)`.
+    layer: "middle" (the block halfway up), "pooled" / None (the heads' feature) or a block number.
+    Images (paths, PIL images, arrays) are read as `predict` reads them; unreadable ones are left out
+    and reported through `say`. cache: an HDF5 feature cache (`features.FeatureCache`, paths only)
+    that keeps the features, so fitting again (another method or `accept`) costs no backbone pass.
+    """
+    check_options(method, accept, k)
+    layer = resolve_layer(model.backbone, layer)
+    features = {}
+    for split, items in (("training", train_paths), ("validation", valid_paths)):
+        say(f"backbone features of {len(items)} {split} images")
+        if cache is None:
+            features[split], _, errors = pooled_features(
+                model, list(items), layer=layer, precision=precision, batch_size=batch_size, workers=workers
+            )
+            for message in errors.values():
+                say(f"warning: left out: {message}")
+        else:
+            features[split] = _cached_features(model, [Path(item) for item in items], layer, cache, precision, batch_size, workers, say)
+    return fit_gate_on_features(
+        features["training"], features["validation"], method=method, accept=accept, k=k, datasets=datasets, layer=layer
+    )
+
+
+class _Tapped(torch.nn.Module):
+    """The backbone as a layer gate sees it, for the feature cache: images -> mean patch token after
+    block `layer` (B, D). Its state_dict (the backbone's under `backbone.`, and the layer) gives its
+    features a cache key of their own, apart from the pooled features training caches."""
+
+    def __init__(self, backbone, layer: int):
+        super().__init__()
+        self.backbone, self.config, self.width = backbone, backbone.config, backbone.width
+        self.register_buffer("layer", torch.tensor(layer))
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.backbone.forward_with_tap(images, int(self.layer))[1]
+
+
+def _cached_features(model, paths: list[Path], layer, cache, precision, batch_size, workers, say) -> Tensor:
+    """Features (N, D) of `paths` through the HDF5 cache, which computes only those it lacks."""
+    device = next(model.parameters()).device
+    workers = loader_workers(len(paths), batch_size, device) if workers is None else workers
+    backbone = model.backbone if layer is None else _Tapped(model.backbone, layer)
+    return FeatureCache(Path(cache), warn=say).load(
+        backbone, model.preprocessing, paths, device=device, dtype=autocast_dtype(precision, device),
+        batch_size=batch_size, workers=workers,
+    ).float()
+
+
+def calibration_paths(model, roots: Mapping[str, Union[str, Path]]) -> tuple[list[Path], list[Path]]:
+    """Training and validation image paths of datasets (name -> root), split as the model was trained.
+
+    Each dataset is split with the settings its model file recorded (as `mvit evaluate` does), and
+    a training image that also sits in an evaluation split of any of these datasets is left out, as
+    training leaves it out, so no validation image finds itself in the bank. Augmented copies are
+    left out too: the gate should learn what real images look like.
+    """
+    per_dataset = {}
+    for name, root in roots.items():
+        settings = split_settings(model.provenance, name)
+        per_dataset[name] = splits.split_dataset(name, root, **settings)
+        if "valid" not in manager.get_dataset(name).splits:
+            raise ConfigError(f"{name} has no valid split to choose the gate's threshold on")
+    cleaned, _ = leakage.exclude_shared(per_dataset, training="train")
+    train, valid = [], []
+    for per_split in cleaned.values():
+        train += [s.path for s in per_split.get("train", []) if not s.meta.get("augmented")]
+        valid += [s.path for s in per_split["valid"]]
+    return list(dict.fromkeys(train)), list(dict.fromkeys(valid))
