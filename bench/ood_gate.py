@@ -32,7 +32,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from mvit.infer import model_file
-from mvit.evaluate.report import split_settings
+from mvit.evaluate.evaluation_set import split_settings
 from mvit.evaluate.gate import pooled_features
 from mvit.registry.records import load_samples
 from mvit.registry.splits import samples_for

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from mvit.infer import model_file
-from mvit.evaluate.report import split_settings
+from mvit.evaluate.evaluation_set import split_settings
 from mvit.infer.model import HeadInfo, Model
 from mvit.data.dataset import loader_workers
 from mvit.infer.predict import predict_stream

@@ -17,7 +17,8 @@ from sklearn import metrics as sk
 from clirun import call_mvit
 from datasets_factory import make_dermmel, make_ham10000, make_ph2, write_image
 from inference_models import plugin_heads_model, saved_model
-from mvit.evaluate.report import evaluate_head, evaluation_set
+from mvit.evaluate.evaluation_set import evaluation_set
+from mvit.evaluate.report import evaluate_head
 from mvit.errors import ConfigError
 from mvit.registry import DatasetSpec, HeadSpec, Sample, hookimpl, manager, other_than
 from mvit.registry.diagnoses import LEAVES, bridge_label_map, leaves

@@ -10,14 +10,10 @@ from sklearn import metrics as sk
 
 from datasets_factory import make_dermmel, make_ham10000, truncate
 from inference_models import plugin_heads_model
-from mvit.evaluate.report import (
-    choose_threshold,
-    classification_metrics,
-    evaluate_head,
-    expected_calibration_error,
-    fit_temperature,
-    split_settings,
-)
+from mvit.evaluate.calibration import choose_threshold, fit_temperature
+from mvit.evaluate.evaluation_set import split_settings
+from mvit.evaluate.metrics import classification_metrics, expected_calibration_error
+from mvit.evaluate.report import evaluate_head
 from mvit.registry.splits import samples_for
 
 # a known binary prediction set: P(melanoma) for 10 images, 4 of them melanoma

@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 
 if TYPE_CHECKING:  # pragma: no cover - both modules import this one to draw their figures
     from mvit.infer.attention import AttentionMaps
-    from mvit.evaluate.report import ReliabilityBins
+    from mvit.evaluate.metrics import ReliabilityBins
 
 DPI = 120
 HEATMAP = "jet"  # the seed's colour map: readers of the old plots know it

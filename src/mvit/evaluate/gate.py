@@ -16,7 +16,7 @@ from torch import Tensor
 from mvit.data.dataset import loader_workers
 from mvit.data.features import FeatureCache
 from mvit.errors import ConfigError
-from mvit.evaluate.report import split_settings
+from mvit.evaluate.evaluation_set import split_settings
 from mvit.infer.ood import (
     DEFAULT_ACCEPT,
     DEFAULT_K,

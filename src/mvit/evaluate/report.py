@@ -1,289 +1,24 @@
-"""How good a head is: metrics, the binary operating point, temperature calibration, the report.
-
-Training imports `fit_temperature`, `choose_threshold` and `classification_metrics` to store a
-head's calibration, threshold and validation metrics in the model file; `evaluate_head` runs a
-trained head over a dataset split and writes the report a clinician-researcher reads.
-
-Order matters: the temperature is fitted first, and the threshold is then chosen on the
-*calibrated* positive-class probabilities, because those are what `predict` compares it with.
-"""
+"""The evaluation report: a trained head run over a dataset split, its metrics, calibration and
+figures written where a clinician-researcher reads them (metrics.json, predictions.csv, PNGs)."""
 
 from __future__ import annotations
 
 import csv
 import json
-import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import Tensor
 
-from mvit.infer.model import Model
 from mvit.data.dataset import loader_workers
+from mvit.errors import MvitError
+from mvit.evaluate.evaluation_set import ALL_IMAGES, count_phrase, evaluation_set, split_settings
+from mvit.evaluate.calibration import choose_threshold, fit_temperature  # noqa: F401  TEMPORARY re-export while train/ is split
+from mvit.evaluate.metrics import classification_metrics, expected_calibration_error, positive_index, reliability_bins
+from mvit.infer.model import Model
 from mvit.infer.predict import logits_stream
 from mvit.infer.prediction import calibrated, decide
-from mvit.errors import ConfigError, MvitError
-
-DEFAULT_TARGET_SENSITIVITY = 0.9  # missing a melanoma costs more than a false alarm
-CALIBRATION_BINS = 15  # equal-width confidence bins, as Guo et al. (2017) measure ECE
-# A fitted temperature outside this range means the validation set was separable or degenerate;
-# clamping keeps one odd validation split from turning a head's probabilities into 0s and 1s.
-TEMPERATURE_RANGE = (0.05, 20.0)
-
-
-# ---- calibration and operating point (imported by training) ---------------------------------------
-
-
-def fit_temperature(logits: Tensor, targets: Tensor) -> float:
-    """The temperature T minimising the NLL of softmax(logits / T) on validation data.
-
-    logits (N, K), targets (N,) class indices. Optimised over log T with L-BFGS, so T stays positive.
-    """
-    if logits.ndim != 2 or targets.shape != logits.shape[:1] or len(targets) == 0:
-        raise ValueError(f"need logits (N, K) and targets (N,) with N > 0, got {tuple(logits.shape)} and {tuple(targets.shape)}")
-    logits, targets = logits.detach().float().cpu(), targets.detach().long().cpu()
-    log_t = torch.zeros((), requires_grad=True)
-    optimiser = torch.optim.LBFGS([log_t], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
-
-    def nll() -> Tensor:
-        optimiser.zero_grad()
-        loss = F.cross_entropy(logits / log_t.exp(), targets)
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():  # training may call this inside torch.no_grad()
-        optimiser.step(nll)
-    low, high = TEMPERATURE_RANGE
-    return float(min(max(math.exp(log_t.item()), low), high))
-
-
-def choose_threshold(
-    positive_probabilities: np.ndarray, is_positive: np.ndarray, target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY
-) -> float:
-    """The highest threshold t at which `p >= t` still flags `target_sensitivity` of the positives.
-
-    Higher thresholds mean fewer false alarms, so the highest one that meets the sensitivity target
-    is the best operating point for it. It is one of the positives' own probabilities: the k-th
-    highest, where k = ceil(target * positives).
-    """
-    probabilities = np.asarray(positive_probabilities, dtype=np.float64)
-    positive = np.asarray(is_positive, dtype=bool)
-    if probabilities.shape != positive.shape:
-        raise ValueError(f"probabilities {probabilities.shape} and labels {positive.shape} differ in shape")
-    if not 0 < target_sensitivity <= 1:
-        raise ValueError(f"target sensitivity must be in (0, 1], got {target_sensitivity}")
-    if not positive.any():
-        raise ValueError("cannot choose a threshold without a single positive example")
-    descending = np.sort(probabilities[positive])[::-1]
-    # the tolerance keeps 0.9 * 10 (= 9.000000000000002 in floating point) at 9 positives, not 10
-    needed = math.ceil(target_sensitivity * len(descending) - 1e-9)
-    return float(descending[max(needed, 1) - 1])
-
-
-# ---- metrics --------------------------------------------------------------------------------------
-
-
-def classification_metrics(
-    probabilities: np.ndarray,
-    targets: np.ndarray,
-    classes: Sequence[str],
-    positive: Optional[str] = None,
-    threshold: Optional[float] = None,
-) -> dict[str, Any]:
-    """Metrics of probabilities (N, K) against class indices (N,), as a JSON-ready dict.
-
-    Top-level numbers are plain floats (or None where undefined, e.g. ROC AUC with one class
-    present); `per_class` and `confusion_matrix` (rows true, columns predicted, in `classes` order)
-    are nested. A binary head with `positive` decides with `threshold` on the positive class
-    probability (0.5 when None) and adds sensitivity and specificity at that threshold.
-    """
-    from sklearn.metrics import (
-        accuracy_score,
-        brier_score_loss,
-        confusion_matrix,
-        precision_recall_fscore_support,
-        roc_auc_score,
-    )
-
-    probabilities = np.asarray(probabilities, dtype=np.float64)
-    # float32 softmax rows sum to 1 only within ~1e-7, which sklearn's probability checks reject
-    probabilities = probabilities / probabilities.sum(axis=1, keepdims=True)
-    targets = np.asarray(targets, dtype=np.int64)
-    K = len(classes)
-    if probabilities.ndim != 2 or probabilities.shape != (len(targets), K) or len(targets) == 0:
-        raise ValueError(f"need probabilities (N, {K}) and targets (N,) with N > 0, got {probabilities.shape} and {targets.shape}")
-    positive_index = _positive_index(classes, positive)
-    if positive_index is not None and threshold is None:
-        threshold = 0.5
-    predicted = decide(probabilities, positive_index, threshold)
-    labels = list(range(K))
-    precision, recall, f1, support = precision_recall_fscore_support(targets, predicted, labels=labels, zero_division=0)
-    metrics: dict[str, Any] = {
-        "n": int(len(targets)),
-        "accuracy": float(accuracy_score(targets, predicted)),
-        "balanced_accuracy": _balanced_accuracy(targets, predicted),
-        "macro_f1": float(np.mean(f1)),
-        "roc_auc": None,
-        "ece": expected_calibration_error(probabilities, targets),
-        "brier": float(brier_score_loss(targets, probabilities, labels=labels)),
-    }
-    present = np.unique(targets)
-    if positive_index is not None:
-        metrics["threshold"] = float(threshold)
-        metrics["sensitivity"] = float(recall[positive_index]) if support[positive_index] else None
-        negative = 1 - positive_index
-        metrics["specificity"] = float(recall[negative]) if support[negative] else None
-        if len(present) == 2:
-            metrics["roc_auc"] = float(roc_auc_score(targets == positive_index, probabilities[:, positive_index]))
-    elif len(present) == K:
-        if K == 2:
-            metrics["roc_auc"] = float(roc_auc_score(targets, probabilities[:, 1]))
-        else:
-            metrics["roc_auc"] = float(roc_auc_score(targets, probabilities, multi_class="ovr", average="macro", labels=labels))
-    metrics["per_class"] = {
-        name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-        for name, p, r, f, s in zip(classes, precision, recall, f1, support)
-    }
-    metrics["confusion_matrix"] = confusion_matrix(targets, predicted, labels=labels).tolist()
-    return metrics
-
-
-def _balanced_accuracy(targets: np.ndarray, predicted: np.ndarray) -> float:
-    import warnings
-
-    from sklearn.metrics import balanced_accuracy_score
-
-    with warnings.catch_warnings():
-        # sklearn warns when a predicted class is absent from the targets; the score is still defined
-        warnings.simplefilter("ignore", UserWarning)
-        return float(balanced_accuracy_score(targets, predicted))
-
-
-def _positive_index(classes: Sequence[str], positive: Optional[str]) -> Optional[int]:
-    if positive is None:
-        return None
-    if len(classes) != 2 or positive not in classes:
-        raise ValueError(f"positive class {positive!r} needs a binary head whose classes include it, got {list(classes)}")
-    return list(classes).index(positive)
-
-
-@dataclass(frozen=True)
-class ReliabilityBins:
-    """Top-class confidence in equal-width bins: each bin's mean confidence, accuracy and count."""
-
-    edges: np.ndarray  # (bins + 1,)
-    confidence: np.ndarray  # (bins,), NaN where empty
-    accuracy: np.ndarray  # (bins,), NaN where empty
-    count: np.ndarray  # (bins,)
-
-
-def reliability_bins(probabilities: np.ndarray, targets: np.ndarray, bins: int = CALIBRATION_BINS) -> ReliabilityBins:
-    confidence = probabilities.max(axis=1)  # (N,)
-    correct = probabilities.argmax(axis=1) == targets  # (N,)
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    # bin b holds confidences in (edges[b], edges[b+1]]; a confidence of exactly 0 cannot occur (K >= 2)
-    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
-    count = np.bincount(which, minlength=bins)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean_confidence = np.bincount(which, weights=confidence, minlength=bins) / count
-        accuracy = np.bincount(which, weights=correct.astype(float), minlength=bins) / count
-    return ReliabilityBins(edges, mean_confidence, accuracy, count)
-
-
-def expected_calibration_error(probabilities: np.ndarray, targets: np.ndarray, bins: int = CALIBRATION_BINS) -> float:
-    """Mean |accuracy - confidence| over confidence bins, weighted by how many predictions each holds."""
-    table = reliability_bins(np.asarray(probabilities, dtype=np.float64), np.asarray(targets), bins)
-    filled = table.count > 0
-    gaps = np.abs(table.accuracy[filled] - table.confidence[filled])
-    return float(np.sum(gaps * table.count[filled]) / table.count.sum())
-
-
-# ---- the evaluation report ------------------------------------------------------------------------
-
-
-def split_settings(provenance: dict[str, Any], dataset: str) -> dict[str, Any]:
-    """The split a model was trained with, from its model file: {"seed", "fold", "folds", "fractions"}.
-
-    Evaluating on any other split would score the model on images it trained on, so the report
-    uses this one; files without the record get the defaults training uses.
-    """
-    from mvit.registry import manager
-    from mvit.registry.splits import DEFAULT_FOLDS, DEFAULT_SEED
-
-    stored = (provenance.get("splits") or {}).get(dataset) or {}
-    official = manager.get_dataset(dataset).official_splits  # training ignores a fold for these too
-    return {
-        "seed": int(stored.get("seed", DEFAULT_SEED)),
-        "fold": None if official else stored.get("fold"),
-        "folds": int(stored.get("folds", DEFAULT_FOLDS)),
-        "fractions": stored.get("fractions"),
-    }
-
-
-ALL_IMAGES = "all"  # the split name meaning every image of the dataset
-
-
-@dataclass(frozen=True)
-class EvaluationSet:
-    """The images a head is scored on, each with its class index, and what was left out on the way."""
-
-    head: str
-    dataset: str
-    split: str  # a split of the dataset, or ALL_IMAGES
-    settings: Optional[dict[str, Any]]  # the split settings used; None for ALL_IMAGES
-    items: list[tuple[Any, int]]  # (Sample, index of its class in the head)
-    label_map: dict[str, Optional[str]]  # the dataset's label -> the head's class; None: left out
-    left_out: dict[str, int]  # label -> images of the split left out because the head has no class for it
-
-
-def evaluation_set(
-    head: str, dataset: str, root: Union[str, Path], split: str = "test", splits: Optional[dict[str, Any]] = None
-) -> EvaluationSet:
-    """The images of `split` (`all`: every image) of `dataset` at `root` that `head` can be scored on.
-
-    On the head's own dataset its `label_map` gives each image's class, as in training. On any other
-    dataset the diagnosis vocabulary does (`mvit.registry.diagnoses.bridge_label_map`): images whose
-    label matches no single class of the head are left out and counted, and a dataset none of whose
-    labels match is a ConfigError. splits: {"seed", "fold", "folds", "fractions"} for a named split
-    (default: the training defaults); `all` ignores them and leaves out augmented copies, which
-    duplicate other images of the dataset.
-    """
-    from collections import Counter
-
-    from mvit.registry import manager
-    from mvit.registry.diagnoses import bridge_label_map
-    from mvit.registry.records import load_samples
-    from mvit.registry.splits import samples_for
-
-    spec, data = manager.get_head(head), manager.get_dataset(dataset)
-    label_map = bridge_label_map(spec, manager.get_dataset(spec.dataset), data)
-    if split == ALL_IMAGES:
-        settings = None
-        samples = [sample for sample in load_samples(dataset, root) if not sample.meta.get("augmented")]
-    elif split in data.splits:
-        settings = dict(splits or {})
-        samples = samples_for(dataset, root, split, **settings)
-    else:
-        raise ConfigError(f"{dataset} has no split {split!r}; choose {ALL_IMAGES} or one of {', '.join(data.splits)}")
-    items, left_out = [], Counter()
-    for sample in samples:
-        cls = label_map.get(sample.label)
-        if cls is None:
-            left_out[sample.label] += 1
-        else:
-            items.append((sample, spec.classes.index(cls)))
-    if not items:
-        where = f"{dataset} at {root}" if split == ALL_IMAGES else f"the {split} split of {dataset} at {root}"
-        raise ConfigError(f"{where} has no images for head {head}" + (f" (left out: {_counts(left_out)})" if left_out else ""))
-    return EvaluationSet(head, dataset, split, settings, items, label_map, dict(sorted(left_out.items())))
-
-
-def _counts(counts: dict[str, int]) -> str:
-    return ", ".join(f"{count} {label}" for label, count in sorted(counts.items()))
 
 
 def _notes(metrics: dict[str, Any], provenance: dict[str, Any]) -> list[str]:
@@ -296,7 +31,7 @@ def _notes(metrics: dict[str, Any], provenance: dict[str, Any]) -> list[str]:
     if metrics["left_out"]:
         notes.append(
             f"left out {sum(metrics['left_out'].values())} images whose label has no counterpart among the classes "
-            f"of head {head}: {_counts(metrics['left_out'])}"
+            f"of head {head}: {count_phrase(metrics['left_out'])}"
         )
     if metrics["classes_without_images"]:
         notes.append(
@@ -398,7 +133,7 @@ def evaluate_head(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    predicted = decide(probabilities, _positive_index(info.classes, positive), metrics.get("threshold"))
+    predicted = decide(probabilities, positive_index(info.classes, positive), metrics.get("threshold"))
     with open(out / "predictions.csv", "w", newline="") as file:
         writer = csv.writer(file)
         gate_columns = ["ood_score", "in_distribution"] if scores is not None else []  # only with a gate

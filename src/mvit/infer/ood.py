@@ -25,8 +25,7 @@ needs the datasets and the splits the model was trained on) is `mvit.evaluate.ga
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Callable, Literal, Mapping, Optional, Sequence, Union
+from typing import Literal, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch

@@ -11,7 +11,6 @@ backbone feature, from the same backbone pass, and can abstain: label `unknown` 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Sequence, Union
