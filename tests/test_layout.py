@@ -1,0 +1,177 @@
+"""The package's layout is its design: stages import one way, and no modules import each other.
+
+registry <- nn <- data <- infer <- evaluate <- train <- cli, and a plugin imports only the
+registry. errors, progress and plots are leaves any stage may use; they import no other stage.
+Every import counts, including those inside functions (deferred for start-up time); imports under
+`if TYPE_CHECKING:` do not, since they never run.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "mvit"
+
+STAGES = ["registry", "nn", "data", "infer", "evaluate", "train", "cli"]
+LEAVES = {"errors", "progress", "plots"}  # import no other part of mvit
+EXEMPT = {"mvit", "mvit.__main__"}  # the public API's lazy names and `python -m mvit` point everywhere
+
+
+def module_name(path: Path, root: Path) -> str:
+    parts = list(path.relative_to(root.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def imported_modules(source: str, modules: set[str]) -> set[str]:
+    """The mvit modules `source` imports at run time (a `from package import module` names the module)."""
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and _is_type_checking(node):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name.split(".")[0] == "mvit")
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "mvit" and node.level == 0:
+            for alias in node.names:
+                candidate = f"{node.module}.{alias.name}"
+                found.add(candidate if candidate in modules else node.module)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(source))
+    return found
+
+
+def import_graph(root: Path) -> dict[str, set[str]]:
+    """Module -> the mvit modules it imports, for every module under `root` (a package folder)."""
+    files = {module_name(path, root): path for path in root.rglob("*.py")}
+    return {name: imported_modules(path.read_text(), set(files)) - {name} for name, path in files.items()}
+
+
+def part_of(module: str) -> str:
+    """The stage, leaf or plugin area a module belongs to: mvit.infer.predict -> infer."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def wrong_way_imports(graph: dict[str, set[str]]) -> list[str]:
+    problems = []
+    for module, imports in sorted(graph.items()):
+        if module in EXEMPT:
+            continue
+        here = part_of(module)
+        for target in sorted(imports - EXEMPT):
+            there = part_of(target)
+            if here == "plugins":
+                allowed = there == "registry" or target == "mvit.errors"
+            elif here in LEAVES:
+                allowed = target == "mvit.errors"
+            elif there in LEAVES:
+                allowed = True
+            elif here in STAGES and there in STAGES:
+                allowed = STAGES.index(there) <= STAGES.index(here)
+            else:
+                allowed = False  # a stage importing a plugin by name, or an unknown area
+            if not allowed:
+                problems.append(f"{module} imports {target}")
+    return problems
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Groups of modules that import each other, directly or through others (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+
+    def connect(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in graph.get(node, ()):
+            if target not in graph:
+                continue
+            if target not in index:
+                connect(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                group.append(member)
+                if member == node:
+                    break
+            if len(group) > 1:
+                cycles.append(sorted(group))
+
+    for node in sorted(graph):
+        if node not in index:
+            connect(node)
+    return cycles
+
+
+def test_every_import_points_down_the_stages():
+    graph = import_graph(PACKAGE)
+    assert {part_of(module) for module in graph} >= set(STAGES) | {"plugins"}  # the walk found the package
+    assert wrong_way_imports(graph) == []
+
+
+def test_no_modules_import_each_other():
+    assert import_cycles(import_graph(PACKAGE)) == []
+
+
+def test_every_stage_is_a_package_with_a_docstring_per_module():
+    for path in PACKAGE.rglob("*.py"):
+        if path.name in ("__init__.py", "__main__.py"):
+            continue
+        assert ast.get_docstring(ast.parse(path.read_text())), f"{path.relative_to(PACKAGE)} says nothing about its job"
+
+
+@pytest.fixture
+def toy_package(tmp_path):
+    """A package shaped like mvit with one import pointing up the stages and one cycle."""
+    root = tmp_path / "mvit"
+
+    def module(name: str, source: str = "") -> None:
+        path = root.joinpath(*name.split(".")[1:]).with_suffix(".py")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for folder in [path.parent, *path.parent.parents]:
+            if folder == root.parent:
+                break
+            (folder / "__init__.py").touch()
+        path.write_text(source)
+
+    module("mvit.errors")
+    module("mvit.nn.vit", "from mvit.errors import ConfigError\n")
+    module("mvit.infer.predict", "from mvit.nn import vit\nfrom mvit.infer import attention\n")
+    module("mvit.infer.attention", "def f():\n    from mvit.infer.predict import g\n")  # deferred: still a cycle
+    module("mvit.nn.weights", "def load():\n    from mvit.train.trainer import Trainer\n")  # up the stages
+    module("mvit.train.trainer", "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from mvit.cli import app\n")
+    module("mvit.cli.app")
+    module("mvit.plugins.toy", "from mvit.registry import hookimpl\nfrom mvit.nn import vit\n")
+    module("mvit.registry.hookspecs")
+    return root
+
+
+def test_the_checks_find_a_wrong_way_import_and_a_cycle(toy_package):
+    graph = import_graph(toy_package)
+    assert graph["mvit.infer.predict"] == {"mvit.nn.vit", "mvit.infer.attention"}
+    assert graph["mvit.train.trainer"] == set()  # annotations only
+    assert wrong_way_imports(graph) == ["mvit.nn.weights imports mvit.train.trainer", "mvit.plugins.toy imports mvit.nn.vit"]
+    assert import_cycles(graph) == [["mvit.infer.attention", "mvit.infer.predict"]]
