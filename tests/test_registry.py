@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from clirun import call_mvit, run_mvit
 from datasets_factory import make_dermmel, make_ham10000, write_image
 from mvit.errors import ConfigError, PluginError
-from mvit.registry import DatasetSpec, HeadSpec, Sample, hookimpl, leakage, manager, splits
+from mvit.registry import DatasetSpec, HeadSpec, Sample, hookimpl, leakage, loading, manager, splits
 
 BUILT_IN = {"dermmel", "ham10000", "ph2"}
 
@@ -58,7 +58,7 @@ class OtherToyPlugin:
 
 
 def test_built_in_plugins_come_through_entry_points_with_their_distribution():
-    registry = manager.build_registry()
+    registry = loading.build_registry()
     assert BUILT_IN <= set(registry.plugins)
     for name in BUILT_IN:
         info = registry.plugins[name]
@@ -94,15 +94,15 @@ def test_unknown_names_list_the_known_ones():
     [("", set()), ("ph2", {"ph2"}), (" ph2 , dermmel ", {"ph2", "dermmel"}), ("mvit", BUILT_IN)],
 )
 def test_env_var_restricts_plugins_by_entry_point_or_distribution_name(monkeypatch, value, expected):
-    monkeypatch.setenv(manager.ENV_LOAD_PLUGINS, value)
-    registry = manager.build_registry()
+    monkeypatch.setenv(loading.ENV_LOAD_PLUGINS, value)
+    registry = loading.build_registry()
     assert set(registry.plugins) == expected
     assert registry.warnings == []
 
 
 def test_env_var_naming_an_absent_plugin_is_a_warning(monkeypatch):
-    monkeypatch.setenv(manager.ENV_LOAD_PLUGINS, "ph2,not-installed")
-    registry = manager.build_registry()
+    monkeypatch.setenv(loading.ENV_LOAD_PLUGINS, "ph2,not-installed")
+    registry = loading.build_registry()
     assert set(registry.plugins) == {"ph2"}
     assert [w.plugin for w in registry.warnings] == ["not-installed"]
 
@@ -110,7 +110,7 @@ def test_env_var_naming_an_absent_plugin_is_a_warning(monkeypatch):
 def test_temporary_plugins_are_seen_by_every_look_up_and_then_gone():
     with manager.temporary_plugins(ToyPlugin()) as registry:
         assert manager.get_head("toy").positive == "a"
-        assert registry.plugins["ToyPlugin"].distribution == manager.IN_PROCESS
+        assert registry.plugins["ToyPlugin"].distribution == loading.IN_PROCESS
         assert registry.plugins["ToyPlugin"].heads == ("toy",)
     with pytest.raises(PluginError):
         manager.get_head("toy")
@@ -187,7 +187,7 @@ class FailsInSecondHookPlugin:
     ids=lambda value: type(value).__name__ if not isinstance(value, str) else "",
 )
 def test_a_broken_plugin_is_a_warning_and_the_rest_keep_working(plugin, message):
-    registry = manager.build_registry([ToyPlugin(), plugin])
+    registry = loading.build_registry([ToyPlugin(), plugin])
     assert len(registry.warnings) == 1, registry.warnings
     assert message in registry.warnings[0].message
     assert registry.warnings[0].plugin == type(plugin).__name__
@@ -198,7 +198,7 @@ def test_a_broken_plugin_is_a_warning_and_the_rest_keep_working(plugin, message)
 
 def test_two_plugins_registering_one_head_name_is_an_error_naming_both():
     with pytest.raises(PluginError, match=r"head name 'toy' is registered by both plugin 'ToyPlugin'.*'OtherToyPlugin'"):
-        manager.build_registry([ToyPlugin(), OtherToyPlugin()])
+        loading.build_registry([ToyPlugin(), OtherToyPlugin()])
 
 
 def test_a_plugin_reusing_a_built_in_dataset_name_is_an_error_naming_both():
@@ -208,7 +208,7 @@ def test_a_plugin_reusing_a_built_in_dataset_name_is_an_error_naming_both():
             register(toy_dataset("ph2"))
 
     with pytest.raises(PluginError, match=r"dataset name 'ph2' is registered by both plugin 'ph2' \(mvit\) and plugin 'Impostor'"):
-        manager.build_registry([Impostor()])
+        loading.build_registry([Impostor()])
 
 
 def fake_distribution(site: Path, dist: str, entry_points: dict[str, str], modules: dict[str, str] = {}) -> None:
@@ -242,7 +242,7 @@ def broken_site(tmp_path, monkeypatch):
 
 
 def test_entry_points_that_fail_to_import_or_misspell_a_hook_are_skipped(broken_site):
-    registry = manager.build_registry()
+    registry = loading.build_registry()
     warnings = {w.plugin: w for w in registry.warnings}
     assert set(warnings) == {"broken", "typo"}
     assert warnings["broken"].distribution == "mvit-broken"
@@ -263,7 +263,7 @@ def test_two_distributions_claiming_one_plugin_name_is_an_error(tmp_path, monkey
     fake_distribution(tmp_path, "mvit-other-ph2", {"ph2": "mvit_other_ph2"})
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(PluginError, match=r"plugin name 'ph2' is claimed by two distributions") as raised:
-        manager.build_registry()
+        loading.build_registry()
     assert "'mvit'" in str(raised.value) and "'mvit-other-ph2'" in str(raised.value)
 
 

@@ -30,7 +30,7 @@ class Model(nn.Module):
         self._head_info: dict[str, HeadInfo] = {}
         self.provenance: dict = {}  # where the model came from: training runs, data splits; kept on save
         # the out-of-distribution gate on a backbone feature (None: no gate; see ood.py). A plain
-        # object, so its tensors are saved by checkpoint.save but are not in state_dict()
+        # object, so its tensors are saved by model_file.save but are not in state_dict()
         self.ood_gate: Optional[OODGate] = None
 
     # ---- heads ------------------------------------------------------------------------------
