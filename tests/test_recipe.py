@@ -13,6 +13,7 @@ from torchvision.transforms import v2 as T
 import mvit
 from conftest import tiny_model
 from mvit.train import trainer as training
+from mvit.train.tasks import build_tasks
 from mvit.infer.model_file import load, save
 from mvit.data.mixing import IGNORE, Mix, mix_images, mixing_active, soft_targets
 from mvit.data.transforms import (
@@ -240,7 +241,7 @@ def test_a_run_ends_with_a_gate_fitted_on_its_training_images(dermmel_root, tmp_
     model = mvit.load(best)
     gate = model.ood_gate
     assert gate is not None and gate.info.datasets == ["dermmel"] and gate.method == "mahalanobis"
-    task = training.build_tasks(tiny_config(dermmel_root, run), print)[0]
+    task = build_tasks(tiny_config(dermmel_root, run), print)[0]
     assert gate.info.train_images == len(task.splits["train"]) and gate.info.valid_images == len(task.splits["valid"])
     valid = [s.path for s in task.splits["valid"]]
     accepted = [p.in_distribution for p in model.predict(valid, head="dermmel")]

@@ -10,6 +10,8 @@ from safetensors.torch import load_file
 import mvit
 from mvit.errors import TrainingDiverged
 from mvit.train import trainer as training
+from mvit.train.model_setup import build_model
+from mvit.train.tasks import build_tasks
 from mvit.train.config import load_config, validate_config
 from mvit.data.sampling import balanced_batches, batches_per_dataset, interleave
 from mvit.errors import ConfigError
@@ -141,6 +143,62 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(dermmel_root, tmp_
     assert [h["epoch"] for h in metrics(interrupted)] == [0, 1, 2]
 
 
+def folder_digests(run):
+    """Each file in the run folder -> the sha256 of its bytes."""
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(run.iterdir()) if p.is_file()}
+
+
+def without_timings(history):
+    return [{k: v for k, v in record.items() if k != "seconds"} for record in history]
+
+
+def test_a_run_interrupted_in_the_middle_of_an_epoch_resumes_to_the_uninterrupted_result(dermmel_root, tmp_path):
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    # validation loss improves every epoch here, so each epoch rewrites the best model
+    training_section = {"epochs": 3, "ema_decay": 0.9, "best_metric": "loss"}
+    sections = dict(unfreeze={"mode": "gradual", "frozen_epochs": 1}, training=training_section)
+    straight = tmp_path / "straight"
+    training.train(tiny_config(dermmel_root, straight, **sections))
+
+    run = tmp_path / "interrupted"
+    seen = {"steps": 0}
+
+    def ctrl_c_in_epoch_2(optimizer, args, kwargs):
+        """Before every optimizer step: in epoch 2 (one metrics line written), a Ctrl-C before its third step."""
+        if not (run / "metrics.jsonl").is_file() or len(metrics(run)) != 1:
+            return
+        if seen["steps"] == 0:  # the first step of epoch 2: what epoch 1 left in the run folder
+            seen["at_epoch_start"] = folder_digests(run)
+        seen["steps"] += 1
+        if seen["steps"] == 3:  # two optimizer steps of epoch 2 have changed the weights in memory
+            raise KeyboardInterrupt
+
+    hook = register_optimizer_step_pre_hook(ctrl_c_in_epoch_2)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            training.train(tiny_config(dermmel_root, run, **sections))
+    finally:
+        hook.remove()
+    assert seen["steps"] == 3  # it stopped mid-epoch, not between epochs
+
+    # nothing epoch 1 wrote was touched by the half-done epoch 2, and what it wrote still loads
+    assert folder_digests(run) == seen["at_epoch_start"]
+    assert {"best.safetensors", "last.safetensors", "metrics.jsonl"} <= set(seen["at_epoch_start"])
+    assert [h["epoch"] for h in metrics(run)] == [0]
+    assert mvit.load(run / "best.safetensors").provenance["epoch"] == 1
+
+    training.resume(run)
+    for name in ("last.safetensors", "best.safetensors"):
+        expected, resumed = load_file(str(straight / name)), load_file(str(run / name))
+        assert expected.keys() == resumed.keys(), name
+        assert all(torch.equal(expected[k], resumed[k]) for k in expected), name
+    assert mvit.load(run / "best.safetensors").heads == mvit.load(straight / "best.safetensors").heads  # calibration too
+    assert without_timings(metrics(run)) == without_timings(metrics(straight))
+
+
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_model(dermmel_root, tmp_path, monkeypatch):
     run = tmp_path / "run"
     real_epoch = training.Trainer._train_epoch
@@ -206,8 +264,8 @@ def test_an_mvit_init_keeps_its_architecture_and_takes_the_configs_regularisatio
     init = {"init": str(first), "drop_path": 0.3}  # neither name nor shape: they are the init model's
     config = tiny_config(dermmel_root, tmp_path / "second", backbone=init, training={"epochs": 1})
     config = validate_config({**config.model_dump(mode="json"), "backbone": init})
-    tasks = training.build_tasks(config, print)
-    model = training.build_model(config, tasks, print)
+    tasks = build_tasks(config, print)
+    model = build_model(config, tasks, print)
     before = mvit.load(first).backbone
     assert model.backbone.config.drop_path == 0.3 and model.backbone.config.width == before.config.width
     assert all(torch.equal(a, b) for a, b in zip(model.backbone.state_dict().values(), before.state_dict().values()))
@@ -215,7 +273,7 @@ def test_an_mvit_init_keeps_its_architecture_and_takes_the_configs_regularisatio
     assert second.provenance["training"][-1]["backbone"]["drop_path"] == 0.3
     wider = validate_config({**config.model_dump(mode="json"), "backbone": {**init, "width": 64}})
     with pytest.raises(ConfigError, match="backbone.width"):
-        training.build_model(wider, tasks, print)
+        build_model(wider, tasks, print)
 
 
 def test_create_backbone_applies_overrides_to_a_given_config():

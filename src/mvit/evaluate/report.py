@@ -14,7 +14,6 @@ import torch
 from mvit.data.dataset import loader_workers
 from mvit.errors import MvitError
 from mvit.evaluate.evaluation_set import ALL_IMAGES, count_phrase, evaluation_set, split_settings
-from mvit.evaluate.calibration import choose_threshold, fit_temperature  # noqa: F401  TEMPORARY re-export while train/ is split
 from mvit.evaluate.metrics import classification_metrics, expected_calibration_error, positive_index, reliability_bins
 from mvit.infer.model import Model
 from mvit.infer.predict import logits_stream

@@ -1,0 +1,44 @@
+"""What the commands that run a model share: the --precision and --device choices and the --model option,
+and turning those into a loaded model.
+
+torch and the inference modules are imported inside `load_model` only, so importing this stays cheap.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from mvit.errors import MvitError
+from mvit.nn.precision import PRECISIONS
+
+PrecisionChoice = Enum("PrecisionChoice", {name: name for name in PRECISIONS}, type=str)
+
+DEVICE_HELP = "auto (a CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N"
+
+
+def device_option():
+    return typer.Option("auto", "--device", help=DEVICE_HELP)
+
+
+def model_option():
+    return typer.Option(None, "--model", "-m", help="model file (default: the model bundled with mvit)")
+
+
+def load_model(model_file: Optional[Path], device: str):
+    """The model file given, else the bundled one (a clear error until it exists), on `device`."""
+    import torch
+
+    from mvit.infer import model_file as model_files
+    from mvit.nn.precision import resolve_device
+
+    try:
+        chosen = resolve_device(device)
+    except RuntimeError:
+        raise MvitError(f"unknown device {device!r}; use {DEVICE_HELP}") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise MvitError(f"device {device!r} asked for, but PyTorch sees no CUDA GPU here; use --device cpu")
+    return model_files.load(model_file, device=chosen)  # None: the bundled model

@@ -1,0 +1,136 @@
+"""`mvit plugins` and `mvit data check|leaks`: what the registry offers and whether dataset folders are usable.
+
+These commands never import torch: they read the registry and the files only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from mvit.cli.output import OutputFormat, print_csv, print_table, say, show, stdout
+
+data_app = typer.Typer(help="Inspect dataset folders.", no_args_is_help=True)
+
+# 0 is splits.DEFAULT_SEED, written out so `mvit --help` need not import the registry
+SEED_HELP = "seed of the split, for datasets without official splits"
+
+
+def plugins_command(
+    output: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="table, json or csv (one row per head)"),
+) -> None:
+    """List installed plugins with their distribution and version, the datasets and heads they offer, and plugins skipped as broken."""
+    import json
+
+    from mvit.registry import manager
+
+    summary = manager.registry().as_dict()
+    if output is OutputFormat.json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    head_rows = [
+        [h["name"], h["dataset"], ", ".join(h["classes"]), h["positive"] or "", h["plugin"]] for h in summary["heads"]
+    ]
+    if output is OutputFormat.csv:
+        print_csv(["head", "dataset", "classes", "positive", "plugin"], head_rows)
+    else:
+        print_table(
+            "Plugins",
+            ["plugin", "distribution", "version", "datasets", "heads"],
+            [
+                [p["name"], p["distribution"], p["version"], ", ".join(p["datasets"]), ", ".join(p["heads"])]
+                for p in summary["plugins"]
+            ],
+        )
+        print_table(
+            "Datasets",
+            ["dataset", "title", "labels", "splits", "plugin"],
+            [
+                [d["name"], d["title"], ", ".join(d["labels"]),
+                 ", ".join(d["splits"]) + (" (official)" if d["official_splits"] else ""), d["plugin"]]
+                for d in summary["datasets"]
+            ],
+        )
+        print_table("Heads", ["head", "dataset", "classes", "positive", "plugin"], head_rows)
+    for warning in summary["warnings"]:
+        source = f" ({warning['distribution']})" if warning["distribution"] else ""
+        say(f"warning: plugin {warning['plugin']!r}{source} skipped: {warning['message']}")
+
+
+@data_app.command("check")
+def data_check_command(
+    name: str = typer.Argument(..., help="dataset name, as `mvit plugins` lists it"),
+    root: Path = typer.Option(..., "--root", help="the dataset's folder"),
+    output: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="table, json or csv (counts)"),
+    seed: int = typer.Option(0, help=SEED_HELP),
+) -> None:
+    """Check a dataset folder: counts per split and class, missing, unreadable or unlabelled images, duplicates across splits. Exit 0 only when usable."""
+    from mvit.registry.check import check_dataset
+
+    report = check_dataset(name, root, seed=seed)
+    if output is OutputFormat.json:
+        typer.echo(report.model_dump_json(indent=2))
+    else:
+        labels = sorted({label for counts in report.counts.values() for label in counts})
+        rows = [
+            [split, *(str(counts.get(label, 0)) for label in labels), str(sum(counts.values())),
+             str(report.augmented.get(split, 0))]
+            for split, counts in report.counts.items()
+        ]
+        columns = ["split", *labels, "total", "augmented"]
+        if output is OutputFormat.csv:
+            print_csv(columns, rows)
+        else:
+            print_table(f"{report.dataset} at {report.root}", columns, rows)
+            for line in [*(f"error: {e}" for e in report.errors), *(f"warning: {w}" for w in report.warnings)]:
+                show(line)
+            verdict = "usable" if report.usable else "NOT usable: fix the errors above"
+            stdout.print(f"{report.dataset}: {report.images} images, {verdict}", markup=False, highlight=False)
+    raise typer.Exit(0 if report.usable else 1)
+
+
+@data_app.command("leaks")
+def data_leaks_command(
+    datasets: list[str] = typer.Argument(..., help="NAME=DIR for each dataset used together"),
+    output: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="table, json or csv (shared images)"),
+    seed: int = typer.Option(0, help=SEED_HELP),
+) -> None:
+    """Find images shared by datasets used together (same bytes or same ISIC id) and the training images they take out."""
+    import json
+
+    from mvit.errors import ConfigError
+    from mvit.registry.leakage import leak_free_splits
+
+    roots = {}
+    for item in datasets:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise ConfigError(f"expected NAME=DIR (for example ph2=~/data/PH2Dataset), got {item!r}")
+        roots[name] = Path(folder)
+    _, report = leak_free_splits(roots, seed=seed)
+    rows = [
+        [image.isic_id or "", "+".join(image.by), " ; ".join(f"{m.dataset}/{m.split}: {m.path}" for m in image.members)]
+        for image in report.shared
+    ]
+    if output is OutputFormat.json:
+        summary = {
+            "shared": [
+                {"isic_id": image.isic_id, "by": list(image.by),
+                 "members": [{"dataset": m.dataset, "split": m.split, "path": str(m.path)} for m in image.members]}
+                for image in report.shared
+            ],
+            "excluded_from_training": [{"dataset": m.dataset, "path": str(m.path)} for m in report.excluded],
+        }
+        typer.echo(json.dumps(summary, indent=2))
+    elif output is OutputFormat.csv:
+        print_csv(["isic_id", "by", "files"], rows)
+    else:
+        pairs = report.pair_counts()
+        print_table("Images shared between datasets", ["datasets", "shared images"],
+                    [[f"{a} + {b}", str(n)] for (a, b), n in sorted(pairs.items())])
+        excluded: dict[str, int] = {}
+        for member in report.excluded:
+            excluded[member.dataset] = excluded.get(member.dataset, 0) + 1
+        print_table("Training images left out (leaking into an evaluation split)",
+                    ["dataset", "images"], [[name, str(excluded.get(name, 0))] for name in roots])

@@ -1,0 +1,193 @@
+"""`mvit predict` and `mvit attention`: run a model on image files and print, write or draw what it found."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from mvit.cli.common import PrecisionChoice, device_option, load_model, model_option
+from mvit.cli.output import OutputFormat, print_table, say, show, stderr
+from mvit.errors import MvitError
+
+
+def predict_command(
+    paths: list[str] = typer.Argument(..., help="image files, folders (searched recursively) and globs such as 'lesions/*.jpg'"),
+    heads: list[str] = typer.Option(["all"], "--head", "-H", help="head to predict with; repeat for several; `all` for every head of the model"),
+    model_file: Optional[Path] = model_option(),
+    output: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="table for people; json or csv (one record per image and head) for programs"),
+    output_file: Optional[Path] = typer.Option(None, "--output", "-o", help="write the json or csv here instead of to stdout"),
+    tta: bool = typer.Option(False, "--tta", help="average over the four flips of each image (4x the work)"),
+    precision: PrecisionChoice = typer.Option(PrecisionChoice.auto, "--precision", help="auto: bfloat16 where the hardware runs it fast (CUDA, CPUs with AMX), else fp32"),
+    threshold: Optional[float] = typer.Option(None, "--threshold", min=0.0, max=1.0, help="decision threshold for binary heads instead of the stored one"),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="images per backbone pass"),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="decoding processes (default: by file count and CPUs)"),
+    device: str = device_option(),
+    abstain: bool = typer.Option(False, "--abstain", help="label `unknown` on every head for an image the model's out-of-distribution gate flags (see `mvit calibrate`)"),
+) -> None:
+    """Predict images with one or more heads. Files that cannot be read are reported, the rest predicted; exit 1 when any failed."""
+    from mvit.data.dataset import loader_workers
+    from mvit.infer.predict import predict_stream
+    from mvit.progress import progress_bar
+
+    output = _format_of(output, output_file)
+    files = _find_images(paths)
+    model = load_model(model_file, device)
+    names = model.select_heads(heads)
+    stream = predict_stream(
+        model, files, names, threshold=threshold, tta=tta, precision=precision.value, batch_size=batch_size,
+        workers=loader_workers(len(files), batch_size, next(model.parameters()).device) if workers is None else workers,
+        abstain=abstain,
+    )
+    failed = 0
+    with (_open_for_writing(output_file) if output_file else contextlib.nullcontext(sys.stdout)) as sink:
+        writer = _PredictionWriter(output, sink, {name: model.heads[name].classes for name in names}, gate=model.ood_gate is not None)
+        with progress_bar(stderr, disable=not stderr.is_terminal) as progress:
+            task = progress.add_task("predicting", total=len(files))
+            for result in stream:
+                if result.error is not None:
+                    failed += 1
+                    say(f"error: {result.error}")
+                else:
+                    writer.add(result.predictions)
+                progress.advance(task)
+        writer.close()
+    if failed:
+        say(f"{failed} of {len(files)} images could not be read (see above); the other {len(files) - failed} were predicted")
+        raise typer.Exit(1)
+
+
+def attention_command(
+    images: list[str] = typer.Argument(..., help="image files, folders and globs"),
+    out: Path = typer.Option(..., "--out", "-o", help="folder for the PNGs (created)"),
+    head: Optional[str] = typer.Option(None, "--head", "-H", help="head whose class-specific (gradient-weighted) map to draw"),
+    target: Optional[str] = typer.Option(None, "--class", help="class of --head to explain (default: the head's prediction)"),
+    model_file: Optional[Path] = model_option(),
+    max_size: int = typer.Option(1024, "--max-size", min=32, help="longest side of the drawn images, in pixels"),
+    device: str = device_option(),
+) -> None:
+    """Draw where the model looked: last-layer attention, rollout, the class-specific map, and grids per attention head and per layer. Exit 1 when any image failed."""
+    from mvit import plots
+    from mvit.data.images import load_image
+    from mvit.errors import ImageError
+    from mvit.infer.attention import DEFAULT_BATCH_SIZE, attention_maps
+
+    files = _find_images(images)
+    model = load_model(model_file, device)
+    out.mkdir(parents=True, exist_ok=True)
+    stems = _unique_stems(files)
+    failed = 0
+    for start in range(0, len(files), DEFAULT_BATCH_SIZE):
+        decoded = []  # (position, image): a bad file is reported and left out of the batch
+        for index in range(start, min(start + DEFAULT_BATCH_SIZE, len(files))):
+            try:
+                decoded.append((index, load_image(files[index])))
+            except ImageError as error:
+                failed += 1
+                say(f"error: {error}")
+        if not decoded:
+            continue
+        maps = attention_maps(model, [image for _, image in decoded], head, target=target, max_size=max_size)
+        for (index, _), found in zip(decoded, maps):
+            for path in plots.attention_figures(found, out, stems[index], title=str(files[index])):
+                show(str(path))
+    if failed:
+        say(f"{failed} of {len(files)} images could not be read (see above); maps for the others are in {out}")
+        raise typer.Exit(1)
+
+
+def _find_images(arguments: list[str]) -> list[Path]:
+    """The image files the arguments name, or one sentence saying there are none."""
+    from mvit.data.images import find_image_files
+
+    files = find_image_files(arguments)
+    if not files:
+        raise MvitError(f"no image files in {', '.join(arguments)}; pass image files, folders holding .jpg/.png/.bmp/.tif files, or globs")
+    return files
+
+
+def _format_of(output: OutputFormat, output_file: Optional[Path]) -> OutputFormat:
+    """--output FILE with no --format: the format its suffix names (a table is for the terminal)."""
+    if output_file is None or output is not OutputFormat.table:
+        return output
+    by_suffix = {".json": OutputFormat.json, ".csv": OutputFormat.csv}
+    if output_file.suffix.lower() not in by_suffix:
+        raise MvitError(f"cannot tell the format of {output_file} from its suffix; add --format json or --format csv")
+    return by_suffix[output_file.suffix.lower()]
+
+
+def _open_for_writing(path: Path):
+    try:
+        return open(path, "w", newline="")
+    except OSError as error:
+        raise MvitError(f"cannot write {path}: {error.strerror}; choose another --output") from None
+
+
+class _PredictionWriter:
+    """Writes predictions as they come: json and csv stream record by record; the table waits for all.
+
+    json and csv always carry `ood_score` and `in_distribution` (null / empty without a gate); the
+    table gets an `in dist.` column only when the model has a gate.
+    """
+
+    def __init__(self, output: OutputFormat, sink, classes: dict[str, tuple[str, ...]], gate: bool = False):
+        import csv
+
+        self.output, self.sink, self.gate = output, sink, gate
+        self.rows: list[list[str]] = []
+        self.first = True
+        # one probability column per class name, shared by heads that have the class
+        self.classes = list(dict.fromkeys(name for names in classes.values() for name in names))
+        if output is OutputFormat.csv:
+            self.csv = csv.writer(sink, lineterminator="\n")
+            self.csv.writerow(["image", "head", "label", "probability", "threshold", "ood_score", "in_distribution",
+                               *(f"p_{name}" for name in self.classes)])
+        elif output is OutputFormat.json:
+            sink.write("[")
+
+    def add(self, predictions) -> None:
+        import json
+
+        if self.output is OutputFormat.table:
+            # a row per head, the image named once: stays readable however many heads are asked for
+            for k, p in enumerate(predictions):
+                row = [str(p.image) if k == 0 else "", p.head, p.label, _number(p.probability, ".3f"), _number(p.threshold, ".3g")]
+                if self.gate:
+                    row.insert(1, ("yes" if p.in_distribution else "NO") if k == 0 else "")
+                self.rows.append(row)
+        for p in predictions:
+            if self.output is OutputFormat.csv:
+                in_distribution = "" if p.in_distribution is None else str(int(p.in_distribution))
+                self.csv.writerow([p.image, p.head, p.label, _number(p.probability, ".6f"), _number(p.threshold, ".6g"),
+                                   _number(p.ood_score, ".6g"), in_distribution,
+                                   *(f"{p.probabilities[c]:.6f}" if c in p.probabilities else "" for c in self.classes)])
+            elif self.output is OutputFormat.json:
+                self.sink.write(("\n" if self.first else ",\n") + "  " + json.dumps(p.as_dict()))
+                self.first = False
+
+    def close(self) -> None:
+        if self.output is OutputFormat.json:
+            self.sink.write("\n]\n")
+        elif self.output is OutputFormat.table and self.rows:
+            columns = ["image", "head", "label", "probability", "threshold"]
+            if self.gate:
+                columns.insert(1, "in dist.")
+            print_table("Predictions", columns, self.rows)
+
+
+def _number(value: Optional[float], spec: str) -> str:
+    """A number for a table or csv cell; empty for None (no threshold, no gate, an abstained label)."""
+    return "" if value is None else format(value, spec)
+
+
+def _unique_stems(files: list[Path]) -> list[str]:
+    """A file-name stem per input for the PNGs, made unique when two inputs share a name."""
+    seen: dict[str, int] = {}
+    stems = []
+    for path in files:
+        count = seen[path.stem] = seen.get(path.stem, 0) + 1
+        stems.append(path.stem if count == 1 else f"{path.stem}-{count}")
+    return stems

@@ -1,0 +1,64 @@
+"""End-of-run calibration of the best model on the validation split: each head's temperature and
+(binary heads) decision threshold, and the out-of-distribution gate."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from mvit.evaluate.calibration import choose_threshold, fit_temperature
+from mvit.evaluate.gate import fit_gate
+from mvit.evaluate.metrics import classification_metrics
+from mvit.infer.model import Model
+from mvit.infer.ood import OODGate
+from mvit.train.config import CalibrationConfig, TrainConfig
+from mvit.train.tasks import TRAIN, VALID, Task
+
+
+def calibrate_heads(model: Model, valid_logits: dict[str, tuple[Tensor, Tensor]], c: CalibrationConfig) -> None:
+    """Each head's temperature, threshold and calibrated validation metrics, from its validation
+    (logits (N, K), targets (N,))."""
+    for name, (logits, targets) in valid_logits.items():
+        info = model.heads[name]
+        temperature = fit_temperature(logits, targets) if c.temperature else 1.0
+        probabilities = torch.softmax(logits / temperature, dim=1).numpy()
+        changes = {"temperature": temperature}
+        if info.is_binary:
+            positive = info.classes.index(info.positive)
+            changes["threshold"] = choose_threshold(probabilities[:, positive], targets.numpy() == positive, c.target_sensitivity)
+            changes["threshold_target"] = f"sensitivity >= {c.target_sensitivity:g} on the validation split"
+        metrics = classification_metrics(probabilities, targets.numpy(), info.classes, info.positive, changes.get("threshold"))
+        changes["metrics"] = {**info.metrics, **{f"valid_calibrated_{k}": v for k, v in metrics.items()
+                                                 if isinstance(v, (int, float)) and math.isfinite(v)}}
+        model.update_head(name, **changes)
+
+
+def run_gate(model: Model, tasks: list[Task], config: TrainConfig, *, cache: Path, workers: Callable[[int], int],
+             say: Callable[[str], None]) -> Optional[OODGate]:
+    """The gate the best model ships with: none, the init model's (kept because the backbone stayed
+    frozen), or one fitted here (`workers`: decoding processes for a number of images)."""
+    if not config.calibration.ood_gate.enabled:
+        return None
+    if model.ood_gate is not None:
+        datasets = ", ".join(model.ood_gate.info.datasets) or "its training data"
+        say(f"kept the init model's out-of-distribution gate (fitted on {datasets}); to cover this run's "
+            f"datasets too, refit it on all of them with `mvit calibrate`")
+        return model.ood_gate
+    return _fit_gate(model, tasks, config, cache=cache, workers=workers, say=say)
+
+
+def _fit_gate(model: Model, tasks: list[Task], config: TrainConfig, *, cache: Path, workers: Callable[[int], int],
+              say: Callable[[str], None]) -> OODGate:
+    """The best model's training images' features, and a threshold that accepts `accept` of its validation images."""
+    g = config.calibration.ood_gate
+    paths = {split: list(dict.fromkeys(s.path for task in tasks for s in task.splits[split])) for split in (TRAIN, VALID)}
+    gate = fit_gate(model, paths[TRAIN], paths[VALID], method=g.method, accept=g.accept, layer=g.layer,
+                    datasets=[task.dataset for task in tasks], precision=config.training.precision,
+                    workers=workers(len(paths[TRAIN])), cache=cache, say=say)
+    say(f"out-of-distribution gate: {gate.method} on {len(paths[TRAIN])} training images of "
+        f"{', '.join(task.dataset for task in tasks)}, accepting {g.accept:.0%} of validation images")
+    return gate

@@ -1,0 +1,39 @@
+"""`mvit extract`: fill the feature cache with the backbone features of every image of a config's
+datasets, ahead of training (shared out between processes under torchrun)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from mvit.data.features import FeatureCache
+from mvit.nn.precision import autocast_dtype, resolve_device
+from mvit.progress import progress_bar
+from mvit.train.batches import decoding_workers
+from mvit.train.config import TrainConfig
+from mvit.train.distributed import Processes
+from mvit.train.model_setup import build_model
+from mvit.train.tasks import build_tasks
+
+
+def extract(config: TrainConfig, *, console=None) -> Path:
+    """Fill the feature cache for every split of the config's datasets (sharded under torchrun)."""
+    from rich.console import Console
+
+    console = console or Console(stderr=True)
+    device = resolve_device(config.training.device, int(os.environ.get("LOCAL_RANK", "0")))
+    processes = Processes.from_environment(device.type)
+    say = (lambda message: console.print(message, highlight=False)) if processes.main else (lambda message: None)
+    tasks = build_tasks(config, say)
+    model = build_model(config, tasks, say).to(device)
+    cache = FeatureCache(config.training.feature_cache or Path(config.output) / "features.h5", warn=say)
+    paths = list(dict.fromkeys(s.path for task in tasks for samples in task.splits.values() for s in samples))
+    workers = decoding_workers(config, len(paths), device, processes.world)
+    with progress_bar(console, disable=not processes.main) as progress:
+        bar = progress.add_task("extracting features", total=len(paths))
+        computed = cache.extract(model.backbone, config.preprocessing, paths, device=device,
+                                 dtype=autocast_dtype(config.training.precision, device), workers=workers,
+                                 shard=(processes.rank, processes.world), progress=lambda n: progress.advance(bar, n))
+    processes.barrier()
+    say(f"{len(paths)} images in {cache.path}; this process computed {computed}, the rest were cached")
+    return cache.path

@@ -1,0 +1,90 @@
+"""The model a run starts from: a backbone (random, timm's DeiT, a DeiT checkpoint or an earlier
+mvit model) and one head per trained head name, keeping an earlier model's heads where still valid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from mvit.errors import ConfigError, MvitError
+from mvit.infer import model_file
+from mvit.infer.model import Model
+from mvit.nn.heads import HeadInfo
+from mvit.nn.vit import VisionTransformer, named_config
+from mvit.nn.weights import create_backbone
+from mvit.registry import manager
+from mvit.train.config import BackboneConfig, TrainConfig
+from mvit.train.tasks import Task
+
+
+def build_model(config: TrainConfig, tasks: list[Task], warn: Callable[[str], None]) -> Model:
+    """Backbone from random, timm's DeiT, a DeiT checkpoint or an earlier mvit model; one head per name."""
+    torch.manual_seed(config.training.seed)  # the same initial heads (and random backbone) on every rank and run
+    init, b = config.backbone.init, config.backbone
+    overrides = {**b.overrides(), "image_size": config.preprocessing.image_size}
+    previous: Optional[Model] = None
+    if init == "random":
+        warn("the backbone starts from RANDOM weights: expect far lower accuracy than from pretrained DeiT weights")
+        backbone = create_backbone(b.name, None, **overrides)
+    elif init != "timm" and _is_mvit_model(Path(init)):
+        previous = model_file.load(init)
+        backbone = _continued_backbone(previous.backbone, b, init, warn)
+        if backbone.config.image_size != config.preprocessing.image_size:
+            raise ConfigError(f"{init} was trained at {backbone.config.image_size} px; set preprocessing.image_size to it")
+        changed = {k: v for k, v in config.preprocessing.model_dump().items() if v != previous.preprocessing.model_dump()[k]}
+        if changed:
+            warn(f"the preprocessing differs from that of {init} ({', '.join(f'{k} = {v}' for k, v in changed.items())}); "
+                 f"its backbone{' (frozen here)' if config.unfreeze.mode == 'none' else ''} learned from differently prepared images")
+    else:
+        backbone = create_backbone(b.name, init, **overrides)
+    model = Model(backbone, config.preprocessing)
+    if previous is not None:
+        model.provenance = dict(previous.provenance)
+        if config.unfreeze.mode == "none":  # a frozen backbone leaves the gate's features unchanged
+            model.ood_gate = previous.ood_gate
+    trained_here = {name for task in tasks for name in task.heads}
+    for name, info in (previous.heads.items() if previous else []):
+        # A frozen backbone leaves the earlier heads valid: keep them, so a model gains heads one
+        # dataset at a time. A backbone that will change would leave them stale: drop them.
+        if name in trained_here or config.unfreeze.mode == "none":
+            if name not in trained_here or info.classes == manager.get_head(name).classes:
+                model.add_head(info)
+                model.classifiers[name].load_state_dict(previous.classifiers[name].state_dict())
+        else:
+            warn(f"head {name!r} of {init} is dropped: the backbone is fine-tuned, which would leave it stale")
+    for name in sorted(trained_here - set(model.heads)):
+        model.add_head(HeadInfo.from_spec(manager.get_head(name)))
+    return model
+
+
+def _continued_backbone(backbone: VisionTransformer, b: BackboneConfig, init: str, warn: Callable[[str], None]) -> VisionTransformer:
+    """An mvit model's backbone, with the regularisation the config sets explicitly (dropout,
+    attention_dropout, drop_path); the architecture is the model's, and a config that sets another
+    one is refused rather than silently ignored."""
+    explicit = b.model_fields_set
+    shape = {k: getattr(b, k) for k in ("patch_size", "width", "depth", "num_heads", "image_size") if k in explicit}
+    differing = {k: v for k, v in shape.items() if v is not None and v != getattr(backbone.config, k)}
+    if differing:
+        have = ", ".join(f"{k} = {getattr(backbone.config, k)}" for k in differing)
+        raise ConfigError(f"backbone.init {init} has {have}; a config cannot change its architecture, so remove "
+                          f"backbone.{', backbone.'.join(differing)} (or start from another init)")
+    if "name" in explicit:
+        warn(f"backbone.name {b.name!r} is not used: the architecture is that of {init} (recorded in the model file)")
+    regularisation = {k: getattr(b, k) for k in ("dropout", "attention_dropout", "drop_path") if k in explicit}
+    if not regularisation or all(getattr(backbone.config, k) == v for k, v in regularisation.items()):
+        return backbone
+    continued = VisionTransformer(named_config(backbone.config, **regularisation))
+    continued.load_state_dict(backbone.state_dict())  # same shapes: regularisation has no weights
+    return continued
+
+
+def _is_mvit_model(path: Path) -> bool:
+    if path.suffix != ".safetensors" or not path.is_file():
+        return False
+    try:
+        model_file.read_metadata(path)
+        return True
+    except MvitError:
+        return False
