@@ -3,9 +3,9 @@ and `HeadInfo`, what a trained head predicts and how to read it."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from mvit.registry.specs import NAME_PATTERN, HeadConfig, HeadSpec
@@ -53,6 +53,19 @@ class HeadInfo(BaseModel):
     temperature: float = Field(default=1.0, gt=0)  # logits are divided by it before the softmax
     metrics: dict[str, float] = Field(default_factory=dict)  # measured on held-out data, when known
     description: str = ""
+    # True when temperature and threshold were fitted for these very weights (training's last step);
+    # False for a head whose operating point is a default or was inherited from another model
+    calibrated: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _calibrated_in_older_files(cls, data: Any) -> Any:
+        """Files written before `calibrated` existed: a chosen threshold or a fitted temperature was
+        only ever stored by calibration."""
+        if isinstance(data, dict) and "calibrated" not in data:
+            fitted = data.get("threshold_target") is not None or data.get("temperature", 1.0) != 1.0
+            data = {**data, "calibrated": fitted}
+        return data
 
     @classmethod
     def from_spec(cls, spec: HeadSpec) -> "HeadInfo":

@@ -26,7 +26,7 @@ def calibrate_heads(model: Model, valid_logits: dict[str, tuple[Tensor, Tensor]]
         info = model.heads[name]
         temperature = fit_temperature(logits, targets) if c.temperature else 1.0
         probabilities = torch.softmax(logits / temperature, dim=1).numpy()
-        changes = {"temperature": temperature}
+        changes = {"temperature": temperature, "calibrated": True}
         if info.is_binary:
             positive = info.classes.index(info.positive)
             changes["threshold"] = choose_threshold(probabilities[:, positive], targets.numpy() == positive, c.target_sensitivity)
