@@ -1,0 +1,40 @@
+"""Every third-party package mvit imports is a declared dependency of the distribution."""
+
+from __future__ import annotations
+
+import ast
+import importlib.metadata
+import sys
+import tomllib
+from pathlib import Path
+
+from packaging.requirements import Requirement
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def imported_top_level_modules(package: Path) -> set[str]:
+    found = set()
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                found.add(node.module.split(".")[0])
+    return found - set(sys.stdlib_module_names) - {"mvit", "__future__"}
+
+
+def declared_distributions() -> set[str]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return {Requirement(line).name.lower() for line in project["dependencies"]}
+
+
+def test_every_imported_package_is_declared():
+    providers = importlib.metadata.packages_distributions()  # top-level module -> distributions
+    declared = declared_distributions()
+    undeclared = {
+        module: providers.get(module, ["(not installed)"])
+        for module in sorted(imported_top_level_modules(ROOT / "src" / "mvit"))
+        if not {name.lower() for name in providers.get(module, [])} & declared
+    }
+    assert undeclared == {}
