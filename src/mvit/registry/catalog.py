@@ -3,8 +3,10 @@ plugins that were skipped; look-ups that name what exists when a name is wrong."
 
 from __future__ import annotations
 
+import difflib
+import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Literal, Optional
 
 from mvit.errors import PluginError
 from mvit.registry.specs import DatasetSpec, HeadSpec
@@ -21,13 +23,29 @@ class PluginInfo:
     heads: tuple[str, ...] = ()
 
 
+DEBUG_ENV = "MVIT_DEBUG"  # set to 1: plugin failures keep their traceback, for the plugin's author
+
+
+def debugging() -> bool:
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
 @dataclass(frozen=True)
 class PluginWarning:
-    """A plugin that was skipped, and why, in one sentence."""
+    """Something of a plugin that was skipped (the whole plugin, or one of its heads), and why, in one
+    sentence. `error`: an installation to fix (two plugins claim one name); `warning`: a plugin bug."""
 
     plugin: str
     distribution: str
     message: str
+    skipped: str = "plugin"  # what was left out: "plugin", or "head 'NAME'"
+    level: Literal["error", "warning"] = "warning"
+    traceback: Optional[str] = None  # the plugin's own traceback, shown with MVIT_DEBUG=1
+
+    def sentence(self) -> str:
+        source = f" ({self.distribution})" if self.distribution else ""
+        what = "plugin" if self.skipped == "plugin" else f"{self.skipped} of plugin"
+        return f"{what} {self.plugin!r}{source} skipped: {self.message}"
 
 
 @dataclass
@@ -39,16 +57,33 @@ class Registry:
     heads: dict[str, HeadSpec] = field(default_factory=dict)
     provider: dict[str, PluginInfo] = field(default_factory=dict)  # "dataset:NAME" / "head:NAME" -> plugin
     warnings: list[PluginWarning] = field(default_factory=list)
+    # "dataset:NAME" / "head:NAME" / "plugin:NAME" -> why it is installed but not offered
+    skipped: dict[str, str] = field(default_factory=dict)
 
     def get_dataset(self, name: str) -> DatasetSpec:
         if name not in self.datasets:
-            raise PluginError(_unknown("dataset", name, self.datasets))
+            raise PluginError(self._missing("dataset", name, self.datasets))
         return self.datasets[name]
 
     def get_head(self, name: str) -> HeadSpec:
         if name not in self.heads:
-            raise PluginError(_unknown("head", name, self.heads))
+            raise PluginError(self._missing("head", name, self.heads))
         return self.heads[name]
+
+    def _missing(self, kind: str, name: str, known: Iterable[str]) -> str:
+        """Why `name` is not offered: installed but skipped (and why), or unknown (and what is near)."""
+        reason = self.skipped.get(f"{kind}:{name}") or self.skipped.get(f"plugin:{name}")
+        if reason is not None:
+            return f"the {kind} {name!r} is installed but skipped: {reason}"
+        names = sorted(known)
+        near = difflib.get_close_matches(name, names, n=1)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        skipped = sum(key.startswith("plugin:") for key in self.skipped)
+        also = f"; {skipped} installed plugin{'s were' if skipped > 1 else ' was'} skipped" if skipped else ""
+        return (
+            f"no installed plugin offers a {kind} named {name!r}; {hint}known {kind}s: {', '.join(names) or 'none'}"
+            f"{also} (run `mvit plugins` to see what is installed)"
+        )
 
     def heads_of(self, dataset: str) -> list[HeadSpec]:
         return [head for head in self.heads.values() if head.dataset == dataset]
@@ -73,13 +108,8 @@ class Registry:
                 {**spec.model_dump(), "plugin": self.plugin_of("head", name).name}
                 for name, spec in sorted(self.heads.items())
             ],
-            "warnings": [asdict(warning) for warning in self.warnings],
+            "warnings": [
+                {key: value for key, value in asdict(warning).items() if key != "traceback" or debugging()}
+                for warning in self.warnings
+            ],
         }
-
-
-def _unknown(kind: str, name: str, known: Iterable[str]) -> str:
-    names = ", ".join(sorted(known)) or "none"
-    return (
-        f"no installed plugin offers a {kind} named {name!r}; known {kind}s: {names} "
-        f"(run `mvit plugins` to see what is installed)"
-    )
