@@ -34,7 +34,8 @@ def test_json_has_one_record_per_image_and_head_equal_to_the_api(capsys, monkeyp
     records = json.loads(done.stdout)
     api = model_files.load(model_file).predict(images, head=["dermmel", "ham10000"])
     assert records == [
-        {"image": str(p.image), "head": p.head, "label": p.label, "probabilities": pytest.approx(dict(p.probabilities)),
+        {"image": str(p.image), "head": p.head, "label": p.label, "probability": pytest.approx(p.probability),
+         "probabilities": pytest.approx(dict(p.probabilities)),
          "threshold": p.threshold, "ood_score": None, "in_distribution": None}  # null: this model has no gate
         for p in api
     ]

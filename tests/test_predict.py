@@ -189,7 +189,7 @@ def test_prediction_is_a_typed_frozen_record_that_serialises(model, images):
         p.label = "other" if decided == "melanoma" else "melanoma"
     assert p.label == decided
     record = json.loads(json.dumps(p.as_dict()))
-    assert record == {"image": str(images[0]), "head": "mel", "label": p.label,
+    assert record == {"image": str(images[0]), "head": "mel", "label": p.label, "probability": pytest.approx(p.probability),
                       "probabilities": pytest.approx(dict(p.probabilities)), "threshold": 0.3,
                       "ood_score": None, "in_distribution": None}
     assert p.probability == p.probabilities[p.label]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Iterable, Optional, Union
 
 from torch import Tensor, nn
@@ -37,8 +38,9 @@ class Model(nn.Module):
 
     @property
     def heads(self) -> Mapping[str, HeadInfo]:
-        """Each head's description, by name (read-only; use `add_head` / `remove_head`)."""
-        return dict(self._head_info)
+        """Each head's description, by name: a read-only view of frozen `HeadInfo`s (change a head with
+        `update_head`, `add_head` or `remove_head`, which keep the head's module and facts in step)."""
+        return MappingProxyType(dict(self._head_info))
 
     def add_head(self, head: Union[HeadInfo, HeadSpec]) -> ClassifierHead:
         info = HeadInfo.from_spec(head) if isinstance(head, HeadSpec) else head
@@ -56,8 +58,12 @@ class Model(nn.Module):
         del self._head_info[name]
 
     def update_head(self, name: str, **changes) -> HeadInfo:
-        """Change stored facts of a head (threshold, temperature, metrics) after validating them."""
+        """Change stored facts of a head (threshold, temperature, metrics) after validating them;
+        the head's shape (`classes`, `config`) is fixed by its weights."""
         self.select_heads(name)
+        fixed = sorted({"classes", "config"} & set(changes))
+        if fixed:
+            raise MvitError(f"a head's {', '.join(fixed)} cannot change after it is built; add a new head instead")
         info = HeadInfo.model_validate({**self._head_info[name].model_dump(), **changes})
         self._head_info[name] = info
         return info

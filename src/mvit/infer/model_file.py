@@ -1,19 +1,25 @@
 """The model file: one `.safetensors` file with the backbone, every head and JSON metadata.
 
 safetensors holds tensors and a string-to-string header only, so loading a model file can never
-run code. A pickle file is refused before it is opened as anything else.
+run code. `_read` is the one place a model file is opened: every failure becomes one
+`ModelFileError` sentence naming the file, and a pickle is recognised (to say so) only after the
+file failed to open as safetensors. `load` refuses metadata and tensors that do not fit each
+other, and non-finite weights, rather than give a wrong answer.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import stat
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from mvit.infer.model import Model
 from mvit.nn.heads import HeadInfo
@@ -45,6 +51,21 @@ class ModelMetadata(BaseModel):
     provenance: dict[str, Any] = {}  # mvit version, creation time, training run
     # the out-of-distribution gate, its tensors stored as `ood.*`; None (and absent in older files): no gate
     ood_gate: Optional[GateInfo] = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ModelMetadata":
+        """What would otherwise crash predict mid-output or silently skew every answer."""
+        for key, info in self.heads.items():
+            if key != info.name:
+                raise ValueError(f"the head stored as {key!r} calls itself {info.name!r}")
+        p = self.preprocessing
+        if not all(math.isfinite(v) for v in (*p.mean, *p.std)) or min(p.std) <= 0:
+            raise ValueError(f"preprocessing needs finite means and positive standard deviations, got mean {p.mean}, std {p.std}")
+        if p.image_size != self.backbone.image_size:
+            raise ValueError(f"preprocessing makes {p.image_size} px images, but the backbone takes {self.backbone.image_size} px")
+        if self.backbone.in_channels != 3:
+            raise ValueError(f"the backbone takes {self.backbone.in_channels} channels, but images have 3 (RGB)")
+        return self
 
 
 def save(model: Model, path: Union[str, Path], *, half: bool = False, provenance: Optional[dict] = None) -> Path:
@@ -91,16 +112,147 @@ def save(model: Model, path: Union[str, Path], *, half: bool = False, provenance
 
 def read_metadata(path: Union[str, Path]) -> ModelMetadata:
     """The metadata of a model file, without reading its tensors."""
+    path = Path(path)
+    return _metadata(path, _read(path).header)
+
+
+def load(path: Union[str, Path, None] = None, *, device: Union[str, torch.device] = "cpu") -> Model:
+    """A model ready for inference (eval mode, float32). No path: the model bundled with mvit.
+
+    Every way a file can be wrong (unreadable, not a model file, metadata or tensors that do not
+    fit each other, non-finite weights) raises `ModelFileError` with one sentence naming the file.
+    """
+    path = bundled_model_path() if path is None else Path(path)
+    contents = _read(path, tensors=True)
+    metadata = _metadata(path, contents.header)
+    tensors = contents.tensors
+    _check_tensors(path, tensors)
+    model = Model(VisionTransformer(metadata.backbone), metadata.preprocessing)
+    model.provenance = dict(metadata.provenance)
+    for info in metadata.heads.values():
+        model.add_head(info)
+    if metadata.ood_gate is not None:
+        gate_tensors = {name[len(OOD_PREFIX):]: tensors.pop(name) for name in list(tensors) if name.startswith(OOD_PREFIX)}
+        try:
+            if not math.isfinite(metadata.ood_gate.threshold):
+                raise ValueError(f"its threshold is {metadata.ood_gate.threshold}")
+            model.ood_gate = OODGate(metadata.ood_gate, gate_tensors)
+            if model.ood_gate.dim != model.backbone.width:
+                raise ValueError(f"it scores {model.ood_gate.dim}-wide features, the backbone gives {model.backbone.width}")
+            if metadata.ood_gate.layer is not None and metadata.ood_gate.layer >= metadata.backbone.depth:
+                raise ValueError(f"it reads block {metadata.ood_gate.layer}, but a tap goes after block 1 to {metadata.backbone.depth - 1}")
+        except ValueError as error:
+            raise ModelFileError(f"{path} has a damaged out-of-distribution gate: {error}") from None
+    expected = model.state_dict()
+    problems = _head_problems(metadata, tensors)
+    problems += [f"missing {name}" for name in expected if name not in tensors]
+    problems += [f"unexpected {name}" for name in tensors if name not in expected]
+    problems += [
+        f"{name} is {tuple(tensor.shape)} but the model needs {tuple(expected[name].shape)}"
+        for name, tensor in tensors.items()
+        if name in expected and tensor.shape != expected[name].shape
+    ]
+    problems += [
+        f"{name} holds {str(tensor.dtype).removeprefix('torch.')} values, not floating-point weights"
+        for name, tensor in tensors.items()
+        if name in expected and expected[name].is_floating_point() and not tensor.is_floating_point()
+    ]
+    if problems:
+        raise ModelFileError(f"{path} does not fit the model its metadata describes: " + "; ".join(problems[:5]))
+    model.load_state_dict({name: tensor.to(expected[name].dtype) for name, tensor in tensors.items()})
+    return model.to(device).eval()
+
+
+def stored_as_half(path: Union[str, Path]) -> bool:
+    """Whether the model file holds its backbone as float16 (written with `save(..., half=True)`)."""
+    dtypes = _read(Path(path)).dtypes
+    name = next((name for name in dtypes if name.startswith("backbone.")), None)
+    return name is not None and dtypes[name] == "F16"
+
+
+def bundled_model_path() -> Path:
+    if not BUNDLED_MODEL.is_file():
+        raise ModelFileError(
+            "mvit has no bundled model in this installation; pass a model file with --model (or mvit.load(PATH))"
+        )
+    return BUNDLED_MODEL
+
+
+@dataclass
+class _Contents:
+    header: dict[str, str]  # the safetensors header's string metadata
+    dtypes: dict[str, str]  # tensor name -> safetensors dtype ("F32", "F16", ...)
+    tensors: dict[str, torch.Tensor]  # empty unless asked for
+
+
+def _read(path: Path, *, tensors: bool = False) -> _Contents:
+    """The one place a model file is opened. Every failure, from the filesystem or from safetensors,
+    becomes one `ModelFileError` sentence naming the file.
+
+    The file is opened as safetensors first: its first bytes are looked at only to word the error
+    when that fails (a valid file's 8-byte header length may well begin like a pickle).
+    """
     from safetensors import safe_open
 
-    path = _existing(path)
+    try:
+        kind = path.stat().st_mode
+    except (OSError, ValueError) as error:
+        raise ModelFileError(_os_problem(path, error)) from None
+    if stat.S_ISDIR(kind):
+        inside = next((p for p in (path / "best.safetensors", path / "model.safetensors") if p.is_file()), None)
+        hint = f"; did you mean {inside}?" if inside else "; pass the .safetensors file itself"
+        raise ModelFileError(f"{path} is a folder, not a model file{hint}")
+    if not stat.S_ISREG(kind):
+        raise ModelFileError(f"{path} is not a regular file (a model file is a .safetensors file on disk)")
     try:
         with safe_open(str(path), framework="pt") as file:
-            header = file.metadata() or {}
-    except Exception as error:  # safetensors reports every malformed header as its own error type
-        raise ModelFileError(
-            f"{path} is not a readable safetensors model file ({_first_line(error)}); it may be truncated or of another format"
-        ) from None
+            header = dict(file.metadata() or {})
+            names = list(file.keys())
+            dtypes = {name: file.get_slice(name).get_dtype() for name in names}
+            data = {name: file.get_tensor(name) for name in names} if tensors else {}
+    except MemoryError:
+        raise
+    except Exception as error:  # safetensors reports malformed files, and some OS errors, in its own types
+        raise ModelFileError(_why_unreadable(path, error)) from None
+    return _Contents(header, dtypes, data)
+
+
+def _os_problem(path: Path, error: Exception) -> str:
+    """One sentence for a file the operating system will not give us."""
+    if isinstance(error, FileNotFoundError):
+        return f"no model file at {path}"
+    if isinstance(error, NotADirectoryError):
+        return f"no model file at {path} (a part of that path is a file, not a folder)"
+    if isinstance(error, IsADirectoryError):
+        return f"{path} is a folder, not a model file; pass the .safetensors file itself"
+    if isinstance(error, PermissionError):
+        return f"cannot read the model file {path}: permission denied"
+    if isinstance(error, OSError) and error.strerror:
+        return f"cannot read the model file {path}: {error.strerror}"
+    return f"cannot read the model file {path}: {_first_line(error)}"
+
+
+def _why_unreadable(path: Path, error: Exception) -> str:
+    """Why safetensors could not open a file, worded from what a plain open and its first bytes say
+    (safetensors reports a permission problem as FileNotFoundError, and without an errno)."""
+    try:
+        with open(path, "rb") as file:
+            start = file.read(9)
+    except OSError as os_error:
+        return _os_problem(path, os_error)
+    # a safetensors file's JSON header follows its 8-byte length: such a file is damaged, not a pickle
+    if start.startswith(_PICKLE_MAGIC) and start[8:9] != b"{":
+        return (
+            f"{path} is a pickle file (PyTorch .pt/.pth); mvit never unpickles model files. "
+            "DeiT weights in such a file load with mvit.create_backbone(weights=PATH), which reads tensors only"
+        )
+    if isinstance(error, OSError) and not isinstance(error, FileNotFoundError):
+        return _os_problem(path, error)
+    return f"{path} is not a readable safetensors model file ({_first_line(error)}); it may be truncated or of another format"
+
+
+def _metadata(path: Path, header: dict[str, str]) -> ModelMetadata:
+    """The validated mvit metadata of a safetensors header."""
     if METADATA_KEY not in header:
         raise ModelFileError(
             f"{path} is a safetensors file but not an mvit model (it has no mvit metadata); "
@@ -108,8 +260,10 @@ def read_metadata(path: Union[str, Path]) -> ModelMetadata:
         )
     try:
         raw = json.loads(header[METADATA_KEY])
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         raise ModelFileError(f"{path} has damaged mvit metadata (not valid JSON)") from None
+    if not isinstance(raw, dict):
+        raise ModelFileError(f"{path} has damaged mvit metadata (not a JSON object)")
     if raw.get("format") != FORMAT:
         raise ModelFileError(f"{path} is not an mvit model file (format {raw.get('format')!r})")
     if raw.get("format_version") != FORMAT_VERSION:
@@ -123,74 +277,22 @@ def read_metadata(path: Union[str, Path]) -> ModelMetadata:
         raise ModelFileError(f"{path} has invalid mvit metadata: {_first_error(error)}") from None
 
 
-def load(path: Union[str, Path, None] = None, *, device: Union[str, torch.device] = "cpu") -> Model:
-    """A model ready for inference (eval mode, float32). No path: the model bundled with mvit."""
-    from safetensors.torch import load_file
-
-    if path is None:
-        path = bundled_model_path()
-    metadata = read_metadata(path)
-    model = Model(VisionTransformer(metadata.backbone), metadata.preprocessing)
-    model.provenance = dict(metadata.provenance)
-    for info in metadata.heads.values():
-        model.add_head(info)
-    try:
-        tensors = load_file(str(path))
-    except Exception as error:
-        raise ModelFileError(f"{path} is damaged: its tensors cannot be read ({_first_line(error)})") from None
-    if metadata.ood_gate is not None:
-        gate_tensors = {name[len(OOD_PREFIX):]: tensors.pop(name) for name in list(tensors) if name.startswith(OOD_PREFIX)}
-        try:
-            model.ood_gate = OODGate(metadata.ood_gate, gate_tensors)
-            if model.ood_gate.dim != model.backbone.width:
-                raise ValueError(f"it scores {model.ood_gate.dim}-wide features, the backbone gives {model.backbone.width}")
-            if metadata.ood_gate.layer is not None and metadata.ood_gate.layer >= metadata.backbone.depth:
-                raise ValueError(f"it reads block {metadata.ood_gate.layer}, but a tap goes after block 1 to {metadata.backbone.depth - 1}")
-        except ValueError as error:
-            raise ModelFileError(f"{path} has a damaged out-of-distribution gate: {error}") from None
-    expected = model.state_dict()
-    problems = [f"missing {name}" for name in expected if name not in tensors]
-    problems += [f"unexpected {name}" for name in tensors if name not in expected]
-    problems += [
-        f"{name} is {tuple(tensor.shape)} but the model needs {tuple(expected[name].shape)}"
-        for name, tensor in tensors.items()
-        if name in expected and tensor.shape != expected[name].shape
-    ]
-    if problems:
-        raise ModelFileError(f"{path} does not fit the model its metadata describes: " + "; ".join(problems[:5]))
-    model.load_state_dict({name: tensor.to(expected[name].dtype) for name, tensor in tensors.items()})
-    return model.to(device).eval()
+def _check_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse weights that would turn every answer into NaN: any non-finite value in any tensor."""
+    bad = [name for name, tensor in tensors.items() if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if bad:
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise ModelFileError(f"{path} is damaged: tensor {', '.join(bad[:3])}{more} holds NaN or infinite values")
 
 
-def stored_as_half(path: Union[str, Path]) -> bool:
-    """Whether the model file holds its backbone as float16 (written with `save(..., half=True)`)."""
-    from safetensors import safe_open
-
-    with safe_open(str(_existing(path)), framework="pt") as file:
-        name = next((name for name in file.keys() if name.startswith("backbone.")), None)
-        return name is not None and file.get_slice(name).get_dtype() == "F16"
-
-
-def bundled_model_path() -> Path:
-    if not BUNDLED_MODEL.is_file():
-        raise ModelFileError(
-            "mvit has no bundled model in this installation; pass a model file with --model (or mvit.load(PATH))"
-        )
-    return BUNDLED_MODEL
-
-
-def _existing(path: Union[str, Path]) -> Path:
-    path = Path(path)
-    if not path.is_file():
-        raise ModelFileError(f"no model file at {path}")
-    with open(path, "rb") as file:
-        start = file.read(4)
-    if start.startswith(_PICKLE_MAGIC) or start[:2] in _PICKLE_MAGIC:
-        raise ModelFileError(
-            f"{path} is a pickle file (PyTorch .pt/.pth); mvit never unpickles model files. "
-            "DeiT weights in such a file load with mvit.create_backbone(weights=PATH), which reads tensors only"
-        )
-    return path
+def _head_problems(metadata: ModelMetadata, tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Heads whose output layer gives a different number of classes than the head lists."""
+    problems = []
+    for name, info in metadata.heads.items():
+        last = f"classifiers.{name}.layers.{3 * len(info.config.hidden) + 1}.weight"  # see ClassifierHead
+        if last in tensors and tensors[last].ndim == 2 and tensors[last].shape[0] != len(info.classes):
+            problems.append(f"head {name!r} lists {len(info.classes)} classes but its weights give {tensors[last].shape[0]}")
+    return problems
 
 
 def _first_line(error: Exception) -> str:
@@ -201,4 +303,5 @@ def _first_line(error: Exception) -> str:
 def _first_error(error: ValidationError) -> str:
     first = error.errors()[0]
     where = ".".join(str(part) for part in first["loc"])
-    return f"{where}: {first['msg']}"
+    message = first["msg"].removeprefix("Value error, ")
+    return f"{where}: {message}" if where else message

@@ -38,7 +38,11 @@ class Prediction:
         return self.probabilities.get(self.label)
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "probabilities": dict(self.probabilities)}
+        """The record as the CLI's JSON writes it: every field, and `probability` after `label`."""
+        record = {**asdict(self), "probabilities": dict(self.probabilities)}
+        at = list(record).index("label") + 1
+        items = list(record.items())
+        return dict(items[:at] + [("probability", self.probability)] + items[at:])
 
 
 @dataclass(frozen=True)

@@ -3,9 +3,10 @@ and `HeadInfo`, what a trained head predicts and how to read it."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor, nn
 
 from mvit.registry.specs import NAME_PATTERN, HeadConfig, HeadSpec
@@ -38,9 +39,15 @@ class ClassifierHead(nn.Module):
 
 
 class HeadInfo(BaseModel):
-    """What a trained head predicts and how to read it. Stored in the model file."""
+    """What a trained head predicts and how to read it. Stored in the model file.
 
-    model_config = ConfigDict(extra="forbid")
+    Immutable: `Model.update_head` is the one way to change a head's facts, and it validates them.
+    Every model file's heads pass these validators on load, so a tampered file (a class listed
+    twice, a positive class the head lacks, a non-finite threshold) is refused with one sentence
+    instead of giving a wrong label.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(pattern=NAME_PATTERN)
     dataset: str
@@ -48,9 +55,9 @@ class HeadInfo(BaseModel):
     positive: Optional[str] = None  # the class a binary head screens for
     config: HeadConfig = Field(default_factory=HeadConfig)
     # Binary heads: predict `positive` when its calibrated probability is at least this.
-    threshold: Optional[float] = Field(default=None, ge=0, le=1)
+    threshold: Optional[float] = Field(default=None, ge=0, le=1, allow_inf_nan=False)
     threshold_target: Optional[str] = None  # how the threshold was chosen, e.g. "sensitivity >= 0.90 on valid"
-    temperature: float = Field(default=1.0, gt=0)  # logits are divided by it before the softmax
+    temperature: float = Field(default=1.0, gt=0, allow_inf_nan=False)  # logits are divided by it before the softmax
     metrics: dict[str, float] = Field(default_factory=dict)  # measured on held-out data, when known
     description: str = ""
     # True when temperature and threshold were fitted for these very weights (training's last step);
@@ -66,6 +73,31 @@ class HeadInfo(BaseModel):
             fitted = data.get("threshold_target") is not None or data.get("temperature", 1.0) != 1.0
             data = {**data, "calibrated": fitted}
         return data
+
+    @field_validator("metrics")
+    @classmethod
+    def _finite_metrics(cls, metrics: dict[str, float]) -> dict[str, float]:
+        bad = sorted(name for name, value in metrics.items() if not math.isfinite(value))
+        if bad:
+            raise ValueError(f"metrics must be finite numbers, got {', '.join(f'{n} = {metrics[n]}' for n in bad)}")
+        return metrics
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "HeadInfo":
+        """The same rules as a plugin's `HeadSpec`, and a positive class only on a two-class head
+        (the decision rule thresholds one of exactly two classes)."""
+        if len(self.classes) < 2:
+            raise ValueError(f"head {self.name!r} needs at least two classes, got {list(self.classes)}")
+        twice = sorted({c for c in self.classes if self.classes.count(c) > 1})
+        if twice:
+            raise ValueError(f"head {self.name!r} lists class {', '.join(map(repr, twice))} twice: {list(self.classes)}")
+        if self.positive is not None:
+            if self.positive not in self.classes:
+                raise ValueError(f"head {self.name!r}: positive class {self.positive!r} is not one of its classes {list(self.classes)}")
+            if len(self.classes) != 2:
+                raise ValueError(f"head {self.name!r} has {len(self.classes)} classes, but a positive class "
+                                 f"({self.positive!r}) is for a two-class head only")
+        return self
 
     @classmethod
     def from_spec(cls, spec: HeadSpec) -> "HeadInfo":
