@@ -553,3 +553,15 @@ def test_leak_free_splits_and_the_leaks_command(tmp_path, capsys, monkeypatch):
     assert len(summary["excluded_from_training"]) == len(report.excluded)
     bad = call_mvit(capsys, monkeypatch, "data", "leaks", "dermmel")
     assert bad.code == 2 and "expected NAME=DIR" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    "changes, says",
+    [
+        ({"classes": ("a", "b", "c"), "positive": "a"}, "a positive class needs a binary head"),
+        ({"classes": ("unknown", "known")}, "'unknown' is the label of an abstained prediction"),
+    ],
+)
+def test_heads_that_predict_could_not_answer_for_are_refused(changes, says):
+    with pytest.raises(ValueError, match=says):
+        HeadSpec(**{"name": "h", "dataset": "d", "classes": ("a", "b"), **changes})

@@ -15,8 +15,9 @@ from torch import Tensor
 
 from mvit.errors import ConfigError
 from mvit.nn.heads import HeadInfo
+from mvit.registry.specs import RESERVED_CLASS
 
-UNKNOWN = "unknown"  # the label of every head for an image the gate flags, when abstaining
+UNKNOWN = RESERVED_CLASS  # the label of every head for an image the gate flags, when abstaining
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from mvit.registry.diagnoses import TERMS
 
 NAME_PATTERN = r"^[a-z][a-z0-9_\-]*$"
+RESERVED_CLASS = "unknown"  # what every head answers for an image the out-of-distribution gate flags
 
 
 class Sample(BaseModel):
@@ -71,6 +72,10 @@ class HeadSpec(BaseModel):
             raise ValueError(f"head {self.name!r} maps labels to unknown classes {sorted(unknown)}")
         if self.positive is not None and self.positive not in self.classes:
             raise ValueError(f"head {self.name!r}: positive class {self.positive!r} is not one of its classes")
+        if self.positive is not None and len(self.classes) != 2:
+            raise ValueError(f"head {self.name!r}: a positive class needs a binary head, and it has {len(self.classes)} classes")
+        if RESERVED_CLASS in self.classes:
+            raise ValueError(f"head {self.name!r}: {RESERVED_CLASS!r} is the label of an abstained prediction; rename that class")
         return self
 
     def class_of(self, label: str) -> Optional[str]:
