@@ -42,3 +42,27 @@ def load_model(model_file: Optional[Path], device: str):
     if chosen.type == "cuda" and not torch.cuda.is_available():
         raise MvitError(f"device {device!r} asked for, but PyTorch sees no CUDA GPU here; use --device cpu")
     return model_files.load(model_file, device=chosen)  # None: the bundled model
+
+
+def check_writable(path: Path, option: str, *, folder: bool) -> None:
+    """Fail before any work, in one sentence, when `path` (a folder to create or fill, or a file to
+    write) cannot be written: a regular file stands where a folder must be, a folder where the file
+    goes, or the nearest existing folder is not writable (permissions, a read-only file system)."""
+    import os
+
+    path = Path(path).expanduser()
+    if path.exists():
+        if folder and not path.is_dir():
+            raise MvitError(f"{path} is a file, not a folder; choose another {option}")
+        if not folder and path.is_dir():
+            raise MvitError(f"{path} is a folder, and a file is written there; choose another {option}")
+        if not os.access(path if folder else path.parent, os.W_OK):
+            raise MvitError(f"cannot write {path}: permission denied or a read-only file system; choose another {option}")
+        return
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise MvitError(f"cannot create {path}: {parent} is a file, not a folder; choose another {option}")
+    if not os.access(parent, os.W_OK):
+        raise MvitError(f"cannot create {path}: {parent} is not writable (permission denied or a read-only file system); choose another {option}")

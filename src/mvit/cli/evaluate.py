@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from mvit.cli.common import PrecisionChoice, device_option, load_model, model_option
+from mvit.cli.common import PrecisionChoice, check_writable, device_option, load_model, model_option
 from mvit.cli.output import print_table, say, show
 from mvit.errors import MvitError
 
@@ -29,6 +29,7 @@ def evaluate_command(
     from mvit.evaluate.report import ALL_IMAGES, evaluate_head, split_settings
     from mvit.registry import manager
 
+    check_writable(out, "--out", folder=True)
     model = load_model(model_file, device)
     model.select_heads(head)
     dataset = manager.get_head(head).dataset if dataset is None else manager.get_dataset(dataset).name
@@ -96,6 +97,7 @@ def calibrate_command(
     from mvit.infer.ood import check_options, resolve_layer
 
     check_options(method.value, accept, k)
+    check_writable(output_file, "--output", folder=False)
     if len(datasets) != len(roots):
         raise MvitError(f"give one --root per --dataset (got {len(datasets)} datasets and {len(roots)} roots), in the same order")
     if len(set(datasets)) != len(datasets):

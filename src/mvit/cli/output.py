@@ -1,17 +1,52 @@
 """Printing shared by the commands: the two consoles, the --format choice, tables, CSV and plain lines.
 
+Everything printed for people (messages on stderr and stdout, tables) goes through `printable`:
+text from the user (paths, file names, labels, plugin names) is never read as rich markup, so
+`[train]` prints as it is and `[/]` cannot crash the printing, and terminal control characters
+(an ESC sequence in a file name that would clear the screen, a carriage return that would
+overwrite the line) are shown as `\\x1b`, `\\x0d` instead of being obeyed. JSON and CSV keep the
+data exact: they are for programs.
+
 Light on purpose (rich and the standard library only): every command module imports it at start-up.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 from enum import Enum
 
 from rich.console import Console
+from rich.text import Text
 
-stdout = Console()
-stderr = Console(stderr=True)
+# C0 controls (newline and tab included: a message is one line), DEL, C1 controls, the Unicode
+# bidirectional overrides (they reorder what follows on the line), and lone surrogates (the bytes of a
+# file name that is not UTF-8, which would make printing fail)
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def _visible(match: re.Match) -> str:
+    code = ord(match.group())
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that is not UTF-8, as os.fsdecode keeps it
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
+def printable(text: object) -> str:
+    """`text` safe to show on a terminal: each control character replaced by its \\x.. (or \\u....) form."""
+    return _UNPRINTABLE.sub(_visible, str(text))
+
+
+class _SafeConsole(Console):
+    """A rich console that shows control characters in any string it prints instead of sending them
+    to the terminal, whoever calls it (the trainer prints through the one the CLI hands it)."""
+
+    def print(self, *objects, **options) -> None:  # type: ignore[override]
+        super().print(*(printable(o) if isinstance(o, str) else o for o in objects), **options)
+
+
+stdout = _SafeConsole()
+stderr = _SafeConsole(stderr=True)
 
 
 class OutputFormat(str, Enum):
@@ -20,20 +55,26 @@ class OutputFormat(str, Enum):
     csv = "csv"
 
 
+def plain(text: object, style: str = "") -> Text:
+    """User-controlled text as a rich Text: printed as it is, never read as markup, controls made visible."""
+    return Text(printable(text), style=style)
+
+
 def print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
-    """A rich table on stdout; cells are escaped, so [brackets] in file names print as they are."""
-    from rich.markup import escape
+    """A rich table on stdout; title, headers and cells are plain text, so [brackets] in file names
+    and labels print as they are and control characters are made visible."""
     from rich.table import Table
 
-    table = Table(title=title, title_justify="left", highlight=False)
+    table = Table(title=plain(title), title_justify="left", highlight=False)
     for column in columns:
-        table.add_column(column, overflow="fold")
+        table.add_column(plain(column), overflow="fold")
     for row in rows:
-        table.add_row(*(escape(cell) for cell in row))
+        table.add_row(*(plain(cell) for cell in row))
     stdout.print(table)
 
 
 def print_csv(columns: list[str], rows: list[list[str]]) -> None:
+    """CSV on stdout, exact: a program reads it."""
     import csv
 
     writer = csv.writer(sys.stdout, lineterminator="\n")
@@ -42,11 +83,15 @@ def print_csv(columns: list[str], rows: list[list[str]]) -> None:
 
 
 def say(message: str) -> None:
-    """One plain line on stderr: file names may hold [brackets] that rich would read as markup."""
-    stderr.print(message, markup=False, highlight=False, soft_wrap=True)
+    """One plain line on stderr: never markup, control characters made visible, never wrapped."""
+    stderr.print(plain(message), highlight=False, soft_wrap=True)
 
 
 def show(message: str) -> None:
     """One plain line on stdout, as `say` writes on stderr."""
-    stdout.print(message, markup=False, highlight=False, soft_wrap=True)
+    stdout.print(plain(message), highlight=False, soft_wrap=True)
 
+
+def error_line(message: str) -> None:
+    """The one line `error: MESSAGE` on stderr, the word `error:` in red on a terminal."""
+    stderr.print(Text.assemble(("error:", "bold red"), " ", plain(message)), highlight=False, soft_wrap=True)

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from mvit.cli.common import PrecisionChoice, device_option, load_model, model_option
-from mvit.cli.output import OutputFormat, print_table, say, show, stderr
+from mvit.cli.common import PrecisionChoice, check_writable, device_option, load_model, model_option
+from mvit.cli.output import OutputFormat, print_table, printable, say, show, stderr
 from mvit.errors import MvitError
 
 
@@ -34,7 +35,9 @@ def predict_command(
     from mvit.progress import progress_bar
 
     output = _format_of(output, output_file)
-    files = _find_images(paths)
+    if output_file is not None:
+        check_writable(output_file, "--output", folder=False)
+    files, shown = _find_images(paths)
     model = load_model(model_file, device)
     names = model.select_heads(heads)
     stream = predict_stream(
@@ -43,20 +46,27 @@ def predict_command(
         abstain=abstain,
     )
     failed = 0
-    with (_open_for_writing(output_file) if output_file else contextlib.nullcontext(sys.stdout)) as sink:
-        writer = _PredictionWriter(output, sink, {name: model.heads[name].classes for name in names}, gate=model.ood_gate is not None)
-        with progress_bar(stderr, disable=not stderr.is_terminal) as progress:
-            task = progress.add_task("predicting", total=len(files))
-            for result in stream:
-                if result.error is not None:
-                    failed += 1
-                    say(f"error: {result.error}")
-                else:
-                    writer.add(result.predictions)
-                progress.advance(task)
-        writer.close()
+    try:
+        with (_open_for_writing(output_file) if output_file else contextlib.nullcontext(sys.stdout)) as sink:
+            writer = _PredictionWriter(output, sink, {name: model.heads[name].classes for name in names}, gate=model.ood_gate is not None)
+            with progress_bar(stderr, disable=not stderr.is_terminal) as progress:
+                task = progress.add_task("predicting", total=len(files))
+                for index, result in enumerate(stream):  # one result per input, in input order
+                    if result.error is not None:
+                        failed += 1
+                        say(f"error: {result.error}")
+                    else:
+                        writer.add([dataclasses.replace(p, image=shown[index]) for p in result.predictions])
+                    progress.advance(task)
+            writer.close()
+    except OSError as error:  # a full disk while writing: the boundary names the file written
+        if error.filename is None:
+            error.filename = str(output_file) if output_file else "standard output"
+        raise
+    if failed < len(files):  # what the predictions rest on, once per run, after them
+        _note_uncalibrated(model, names, threshold)
     if failed:
-        say(f"{failed} of {len(files)} images could not be read (see above); the other {len(files) - failed} were predicted")
+        _say_failed(failed, len(files), f"the other {len(files) - failed} were predicted")
         raise typer.Exit(1)
 
 
@@ -71,42 +81,89 @@ def attention_command(
 ) -> None:
     """Draw where the model looked: last-layer attention, rollout, the class-specific map, and grids per attention head and per layer. Exit 1 when any image failed."""
     from mvit import plots
-    from mvit.data.images import load_image
+    from mvit.data.images import as_rgb_image
     from mvit.errors import ImageError
     from mvit.infer.attention import DEFAULT_BATCH_SIZE, attention_maps
 
-    files = _find_images(images)
+    check_writable(out, "--out", folder=True)
+    files, shown = _find_images(images)
     model = load_model(model_file, device)
     out.mkdir(parents=True, exist_ok=True)
+    noted = head is None or target is not None  # else the maps explain the head's own decision: say what it rests on
     stems = _unique_stems(files)
     failed = 0
     for start in range(0, len(files), DEFAULT_BATCH_SIZE):
         decoded = []  # (position, image): a bad file is reported and left out of the batch
         for index in range(start, min(start + DEFAULT_BATCH_SIZE, len(files))):
             try:
-                decoded.append((index, load_image(files[index])))
+                decoded.append((index, as_rgb_image(files[index])))
             except ImageError as error:
                 failed += 1
                 say(f"error: {error}")
         if not decoded:
             continue
         maps = attention_maps(model, [image for _, image in decoded], head, target=target, max_size=max_size)
+        if not noted:
+            _note_uncalibrated(model, model.select_heads(head), None)
+            noted = True
         for (index, _), found in zip(decoded, maps):
-            for path in plots.attention_figures(found, out, stems[index], title=str(files[index])):
+            # the figure's title: no control characters, and a $ is a dollar, not the start of a formula
+            title = printable(shown[index]).replace("$", r"\$")
+            for path in plots.attention_figures(found, out, stems[index], title=title):
                 show(str(path))
     if failed:
-        say(f"{failed} of {len(files)} images could not be read (see above); maps for the others are in {out}")
+        _say_failed(failed, len(files), f"maps for the others are in {out}")
         raise typer.Exit(1)
 
 
-def _find_images(arguments: list[str]) -> list[Path]:
-    """The image files the arguments name, or one sentence saying there are none."""
-    from mvit.data.images import find_image_files
+STDIN_NAMES = ("-", "/dev/stdin", "/dev/fd/0", "/proc/self/fd/0")  # an image piped in, as the shell names it
 
-    files = find_image_files(arguments)
-    if not files:
+
+def _say_failed(failed: int, total: int, rest: str) -> None:
+    """The count of inputs that failed, after their sentences; nothing to add when the only one failed."""
+    if total > 1:
+        say(f"{failed} of {total} images could not be read (see above); {rest}")
+
+
+def _find_images(arguments: list[str]) -> tuple[list, list[str]]:
+    """The images the arguments name (image files, the files of folders and globs, and `-` or
+    /dev/stdin for one image read from standard input), each with its name for the output; or one
+    sentence saying there are none."""
+    from mvit.data.images import EncodedImage, find_image_files
+
+    items: list = []
+    seen: set[Path] = set()
+    stdin_name = None
+    pending: list[str] = []  # file arguments between stdin arguments, to keep the order given
+
+    def flush() -> None:
+        for path in find_image_files(pending):
+            if path not in seen:
+                seen.add(path)
+                items.append(path)
+        pending.clear()
+
+    for argument in arguments:
+        if argument not in STDIN_NAMES:
+            pending.append(argument)
+        elif stdin_name is None:  # standard input is read once, however often it is named
+            flush()
+            stdin_name = argument
+            items.append(EncodedImage(_read_stdin(argument), name=f"the image on standard input ({argument})"))
+    flush()
+    if not items:
         raise MvitError(f"no image files in {', '.join(arguments)}; pass image files, folders holding .jpg/.png/.bmp/.tif files, or globs")
-    return files
+    return items, [stdin_name if isinstance(item, EncodedImage) else str(item) for item in items]
+
+
+def _read_stdin(argument: str) -> bytes:
+    stream = sys.stdin.buffer if sys.stdin is not None else None
+    if stream is None or stream.isatty():
+        raise MvitError(
+            f"{argument} stands for one image piped in on standard input, and none is: "
+            f"pipe one (mvit predict {argument} < lesion.jpg) or name the image file"
+        )
+    return stream.read()
 
 
 def _format_of(output: OutputFormat, output_file: Optional[Path]) -> OutputFormat:
@@ -183,11 +240,39 @@ def _number(value: Optional[float], spec: str) -> str:
     return "" if value is None else format(value, spec)
 
 
-def _unique_stems(files: list[Path]) -> list[str]:
-    """A file-name stem per input for the PNGs, made unique when two inputs share a name."""
+def _unique_stems(files: list) -> list[str]:
+    """A file-name stem per input for the PNGs (`stdin` for the image read from standard input),
+    made unique when two inputs share a name."""
     seen: dict[str, int] = {}
     stems = []
-    for path in files:
-        count = seen[path.stem] = seen.get(path.stem, 0) + 1
-        stems.append(path.stem if count == 1 else f"{path.stem}-{count}")
+    for item in files:
+        stem = item.stem if isinstance(item, Path) else "stdin"
+        count = seen[stem] = seen.get(stem, 0) + 1
+        stems.append(stem if count == 1 else f"{stem}-{count}")
     return stems
+
+
+def _note_uncalibrated(model, names: list[str], threshold: Optional[float]) -> None:
+    """One note on stderr naming the selected heads whose operating point was not fitted for this
+    model's weights (`HeadInfo.calibrated`) and what each then does; stdout stays data only."""
+    found = {}
+    for name in names:
+        info = model.heads[name]
+        if info.calibrated:
+            continue
+        if info.temperature == 1.0:
+            says = ["its probabilities are not temperature-scaled"]
+        else:
+            says = [f"its temperature {info.temperature:.3g} was not fitted for these weights"]
+        if info.is_binary and threshold is None:  # the rule `predict` applies: the stored threshold, else 0.5
+            if info.threshold is None:
+                says.append("it decides at the default threshold 0.5")
+            else:
+                says.append(f"its threshold {info.threshold:.3g} was not chosen for these weights")
+        found[name] = " and ".join(says)
+    if len(found) == 1:
+        [(name, says)] = found.items()
+        say(f"note: head {name} was not calibrated for this model: {says}")
+    elif found:
+        each = "; ".join(f"{name}: {says}" for name, says in found.items())
+        say(f"note: heads {', '.join(found)} were not calibrated for this model: {each}")

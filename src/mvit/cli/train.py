@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from mvit.cli.common import check_writable
 from mvit.cli.output import stderr
 from mvit.errors import MvitError
 
@@ -36,7 +37,9 @@ def train_command(
         overrides.append(f'output="{output.absolute()}"')  # relative to where the user is, not the config
     if device is not None:
         overrides.append(f'training.device="{device}"')
-    train.train(load_config(config, overrides), console=stderr)
+    settings = load_config(config, overrides)
+    check_writable(Path(settings.output), "output folder (--output DIR)", folder=True)  # before any work
+    train.train(settings, console=stderr)
 
 
 def extract_command(
@@ -49,4 +52,7 @@ def extract_command(
     from mvit.train.extract import extract
 
     overrides = list(set_) + ([f'training.feature_cache="{cache.absolute()}"'] if cache is not None else [])
-    extract(load_config(config, overrides), console=stderr)
+    settings = load_config(config, overrides)
+    target = settings.training.feature_cache or Path(settings.output) / "features.h5"
+    check_writable(Path(target), "place for the feature cache (--cache FILE)", folder=False)  # before any work
+    extract(settings, console=stderr)

@@ -7,9 +7,11 @@ each is turned into plain RGB the same way at training and prediction time.
 from __future__ import annotations
 
 import glob
+import io
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Union
+from typing import BinaryIO, Iterable, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -21,17 +23,21 @@ MAX_PIXELS = 178_956_970  # Pillow's own default limit
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 
+@dataclass(frozen=True)
+class EncodedImage:
+    """An image file's bytes held in memory (e.g. read from standard input), named for messages."""
+
+    data: bytes
+    name: str = "standard input"
+
+
 def load_image(path: Union[str, Path]) -> Image.Image:
     """Open, fully decode and convert an image file to RGB."""
     path = Path(path)
     try:
         if path.stat().st_size == 0:
             raise ImageError(f"{path} is empty (0 bytes)")
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                image.load()  # decode now, so a truncated file fails here and not later
-                return to_rgb(ImageOps.exif_transpose(image))
+        return _decode(path, str(path))
     except ImageError:
         raise
     except FileNotFoundError:
@@ -40,12 +46,31 @@ def load_image(path: Union[str, Path]) -> Image.Image:
         raise ImageError(f"{path} is a folder, not an image") from None
     except PermissionError:
         raise ImageError(f"{path} cannot be read (permission denied)") from None
+
+
+def decode_image(image: EncodedImage) -> Image.Image:
+    """Decode and convert an image held in memory to RGB, or fail with one sentence naming it."""
+    if not image.data:
+        raise ImageError(f"{image.name} is empty (0 bytes)")
+    return _decode(io.BytesIO(image.data), image.name)
+
+
+def _decode(source: Union[Path, BinaryIO], name: str) -> Image.Image:
+    """Open, fully decode and convert a file or stream to RGB; Pillow's failures become one sentence."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(source) as image:
+                image.load()  # decode now, so a truncated file fails here and not later
+                return to_rgb(ImageOps.exif_transpose(image))
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise  # the caller names these for a path
     except UnidentifiedImageError:
-        raise ImageError(f"{path} is not an image file mvit can read (JPEG, PNG, BMP, TIFF ...)") from None
+        raise ImageError(f"{name} is not an image file mvit can read (JPEG, PNG, BMP, TIFF ...)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(f"{path} is too large to decode safely (over {MAX_PIXELS:,} pixels)") from None
+        raise ImageError(f"{name} is too large to decode safely (over {MAX_PIXELS:,} pixels)") from None
     except (OSError, SyntaxError, ValueError) as error:  # Pillow's decoders report damage in these types
-        raise ImageError(f"{path} is truncated or damaged ({str(error) or type(error).__name__})") from None
+        raise ImageError(f"{name} is truncated or damaged ({str(error) or type(error).__name__})") from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -66,9 +91,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def as_rgb_image(value) -> Image.Image:
-    """A path, PIL image, (H, W[, C]) numpy array or (C, H, W) tensor in [0, 1] or 0..255 -> RGB image."""
+    """A path, PIL image, (H, W[, C]) numpy array, (C, H, W) tensor in [0, 1] or 0..255, or an
+    `EncodedImage` (a file's bytes) -> RGB image."""
     if isinstance(value, (str, Path)):
         return load_image(value)
+    if isinstance(value, EncodedImage):
+        return decode_image(value)
     if isinstance(value, Image.Image):
         return to_rgb(value)
     if isinstance(value, np.ndarray):
