@@ -71,16 +71,16 @@ def test_an_interrupted_extraction_resumes_where_it_stopped(tmp_path, images, mo
     cache, net = FeatureCache(tmp_path / "cache.h5"), backbone()
     real_compute, calls = FeatureCache._compute, []
 
-    def crash_on_second_chunk(*args):
+    def crash_on_second_chunk(self, *args):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real_compute(*args)
+        return real_compute(self, *args)
 
-    monkeypatch.setattr(FeatureCache, "_compute", staticmethod(crash_on_second_chunk))
+    monkeypatch.setattr(FeatureCache, "_compute", crash_on_second_chunk)
     with pytest.raises(KeyboardInterrupt):
         extract(cache, net, images)
-    monkeypatch.setattr(FeatureCache, "_compute", staticmethod(real_compute))
+    monkeypatch.setattr(FeatureCache, "_compute", real_compute)
     assert extract(cache, net, images) == 6  # the first chunk of 4 was kept
 
 

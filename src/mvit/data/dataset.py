@@ -4,7 +4,8 @@ prediction, evaluation and the out-of-distribution gate.
 A bad image comes back as its error sentence instead of being raised: raised inside a worker
 process it would reach the user wrapped in that worker's traceback, and it would take the rest of
 its batch down with it. Each caller chooses what an error means: prediction reports it for that
-image and goes on; training and the feature cache stop with the sentence (`raise_errors`).
+image and goes on; training and the feature cache follow the run's `BadImages` policy: stop with the
+sentence, or skip the image and count it.
 """
 
 from __future__ import annotations
@@ -89,6 +90,37 @@ def raise_errors(batches: Iterable[ImageBatch]) -> Iterator[ImageBatch]:
         if batch.errors:
             raise ImageError(next(iter(batch.errors.values())))
         yield batch
+
+
+class BadImages:
+    """What a pass over a run's images does with one that does not decode (`policy`): "stop" with
+    its sentence, or "skip" it: the batch goes on without it, and it is remembered (`skipped`:
+    path -> sentence) so the caller can report the count. Applied in the main process to the
+    errors the loader's workers return, so it holds whatever the worker count."""
+
+    def __init__(self, policy: str = "stop"):
+        if policy not in ("stop", "skip"):
+            raise ValueError(f"bad image policy must be 'stop' or 'skip', got {policy!r}")
+        self.policy = policy
+        self.skipped: dict[str, str] = {}
+
+    def apply(self, batches: Iterable[ImageBatch], items: Sequence[SingleImage]) -> Iterator[ImageBatch]:
+        """The batches of the loader over `items`, each without its undecodable images (or stop at the first)."""
+        for batch in batches:
+            if batch.errors:
+                if self.policy == "stop":
+                    raise ImageError(next(iter(batch.errors.values())))
+                for position, message in batch.errors.items():
+                    self.skipped.setdefault(str(items[position]), message)
+            yield batch
+
+    def summary(self) -> str:
+        """One sentence on what was left out so far ("" when nothing was)."""
+        if not self.skipped:
+            return ""
+        count = len(self.skipped)
+        return (f"left out {count} unreadable image{'s' if count != 1 else ''} (training.bad_images = \"skip\"); "
+                f"the first: {next(iter(self.skipped.values()))}")
 
 
 def loader_workers(count: int, batch_size: int, device: Union[str, torch.device] = "cpu", processes: int = 1) -> int:

@@ -7,11 +7,15 @@ counts the rows fully written. Rows are committed in chunks: an interrupted extr
 committed chunk and resumes with the images still missing. Writers take an exclusive lock on a side
 file, and re-check what is present under it, so two processes filling one cache neither corrupt it
 nor duplicate rows. A file HDF5 cannot read is moved aside and rebuilt.
+
+An image that does not decode follows the cache's `BadImages` policy: "stop" with its sentence, or
+"skip": it is left out of the cache (and `load` gives it a row of NaN, for the caller to leave out).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -23,7 +27,8 @@ import h5py
 import numpy as np
 import torch
 
-from mvit.data.dataset import image_loader, raise_errors
+from mvit.data.dataset import BadImages, image_loader
+from mvit.errors import MvitError
 from mvit.nn.precision import autocast
 from mvit.data.transforms import Preprocessing, eval_transform
 from mvit.nn.vit import VisionTransformer
@@ -45,10 +50,22 @@ def fingerprint(backbone: VisionTransformer, preprocessing: Preprocessing) -> st
 
 
 class FeatureCache:
-    def __init__(self, path: Path, warn: Callable[[str], None] = print):
+    def __init__(self, path: Path, warn: Callable[[str], None] = print, bad_images: Optional[BadImages] = None):
         self.path = Path(path)
         self.lock_path = self.path.with_name(self.path.name + ".lock")
         self.warn = warn
+        self.bad_images = bad_images or BadImages("stop")
+
+    def prepare(self) -> None:
+        """Make sure the cache can be written (its folder and lock file), before any work that would
+        be lost: an output under a regular file, or on a read-only disk, is one sentence."""
+        try:
+            self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.lock_path, "a"):
+                pass
+        except OSError as error:
+            raise MvitError(f"cannot write the feature cache {self.path}: {_reason(error)}; choose another place "
+                            f"for it (--cache, training.feature_cache or the run's output folder)") from None
 
     # ---- reading ------------------------------------------------------------------------------
 
@@ -70,6 +87,13 @@ class FeatureCache:
     # ---- writing ------------------------------------------------------------------------------
 
     def _commit(self, key: str, image_keys: list[str], features: np.ndarray, meta: dict) -> None:
+        """Append rows under the lock; the committed row count is written last."""
+        try:
+            self._append(key, image_keys, features, meta)
+        except OSError as error:  # the rows already committed stay readable: `rows` was not moved on
+            raise MvitError(f"cannot write the feature cache {self.path}: {_reason(error)}") from None
+
+    def _append(self, key: str, image_keys: list[str], features: np.ndarray, meta: dict) -> None:
         with self._locked(shared=False), self._open("a") as file:
             group = file.get(key)
             if group is None:
@@ -108,6 +132,10 @@ class FeatureCache:
         key, image_keys = fingerprint(backbone, preprocessing), [content_hash(Path(p)) for p in paths]
         self._fill(key, image_keys, backbone, preprocessing, paths, **options)
         cached = self.lookup(key, image_keys)
+        if len(cached) < len(set(image_keys)) and self.bad_images.policy == "skip":
+            width = next(iter(cached.values())).shape[0] if cached else backbone.width
+            missing = np.full(width, np.nan, dtype=np.float32)  # an image skipped as unreadable
+            return torch.from_numpy(np.stack([cached.get(k, missing) for k in image_keys]))
         return torch.from_numpy(np.stack([cached[k] for k in image_keys]))
 
     def _fill(
@@ -138,8 +166,10 @@ class FeatureCache:
         try:
             for start in range(0, len(mine), CHUNK):
                 chunk = mine[start : start + CHUNK]
-                features = self._compute(backbone, preprocessing, [paths[i] for i in chunk], device, dtype, batch_size, workers, progress)
-                self._commit(key, [image_keys[i] for i in chunk], features, meta)
+                decoded, features = self._compute(backbone, preprocessing, [paths[i] for i in chunk], device, dtype,
+                                                  batch_size, workers, progress)
+                if decoded:  # (the images of the chunk that decoded, under the "skip" policy)
+                    self._commit(key, [image_keys[chunk[j]] for j in decoded], features, meta)
         finally:
             backbone.train(was_training)
         return len(mine)
@@ -153,22 +183,25 @@ class FeatureCache:
                 return set()
             return set(file[key]["keys"][: int(file[key].attrs["rows"])].astype(str))
 
-    @staticmethod
-    def _compute(backbone, preprocessing, paths, device, dtype, batch_size, workers, progress) -> np.ndarray:
+    def _compute(self, backbone, preprocessing, paths, device, dtype, batch_size, workers, progress) -> tuple[list[int], np.ndarray]:
+        """The positions in `paths` of the images that decoded, and their features (n, D)."""
         loader = image_loader(paths, eval_transform(preprocessing), batch_size=batch_size, workers=workers, device=device)
-        out = []
+        out, decoded = [], []
         with torch.inference_mode(), autocast(device, dtype):
-            for batch in raise_errors(loader):  # (B, 3, S, S) -> (B, D)
-                out.append(backbone(batch.images.to(device)).float().cpu().numpy())
+            for batch in self.bad_images.apply(loader, paths):  # (B, 3, S, S) -> (B, D)
+                if batch.images is not None:
+                    out.append(backbone(batch.images.to(device)).float().cpu().numpy())
+                    decoded += batch.positions
                 if progress:
-                    progress(len(batch.positions))
-        return np.concatenate(out)
+                    progress(len(batch.positions) + len(batch.errors))
+        return decoded, (np.concatenate(out) if out else np.empty((0, 0), dtype=np.float32))
 
     # ---- file handling --------------------------------------------------------------------------
 
     @contextlib.contextmanager
     def _locked(self, shared: bool) -> Iterator[None]:
-        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.lock_path.exists():
+            self.prepare()
         with open(self.lock_path, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
             try:
@@ -208,3 +241,14 @@ class FeatureCache:
             rows = int(group.attrs["rows"])
             if group["keys"].shape[0] < rows or group["features"].shape[0] < rows:
                 raise ValueError(f"group {key} claims {rows} rows but holds fewer")
+
+
+def _reason(error: OSError) -> str:
+    """Why a file could not be written, in words."""
+    if error.errno == errno.ENOSPC:
+        return "the disk is full"
+    if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return "the folder is read-only or not writable"
+    if error.errno in (errno.ENOTDIR, errno.EEXIST):
+        return "a file stands where a folder should be"
+    return error.strerror or str(error)

@@ -17,13 +17,12 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import Iterable, Mapping, Optional, Sequence, Union
 
 from mvit.registry import manager, splits
 from mvit.registry.specs import Sample
 
 ISIC_ID = re.compile(r"ISIC_\d{7}")
-TRAINING = "train"
 
 _hash_cache: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> sha256, so a changed file is re-read
 
@@ -136,24 +135,39 @@ def _shared(index: dict[tuple[str, str], list[tuple[Member, Sample]]]) -> list[S
     return sorted(shared, key=lambda image: [str(m.path) for m in image.members])
 
 
-def exclude_shared(datasets: SplitSamples, *, training: str = TRAINING) -> tuple[dict[str, dict[str, list[Sample]]], LeakageReport]:
+def exclude_shared(
+    datasets: SplitSamples, *, training: Union[str, Mapping[str, str], None] = None
+) -> tuple[dict[str, dict[str, list[Sample]]], LeakageReport]:
     """`datasets` with every training image that leaks into an evaluation split taken out.
 
+    `training` names each dataset's training split: one name for all, a mapping dataset -> name, or
+    None for the plugin contract's: the first split of each dataset's mapping (`splits.split_samples`
+    lists them in the order of the dataset's `splits`, the training split first).
     Returns the same dataset -> split -> samples mapping (evaluation splits untouched) and a report
     of the shared images and the training images removed.
     """
+    if training is None:
+        training_of = {dataset: next(iter(per_split), None) for dataset, per_split in datasets.items()}
+    elif isinstance(training, str):
+        training_of = dict.fromkeys(datasets, training)
+    else:
+        training_of = dict(training)
     index = _keys(datasets)
     leaking: set[tuple[str, str]] = set()  # (dataset, group) of training images seen in an evaluation split
+
+    def is_training(member: Member) -> bool:
+        return member.split == training_of.get(member.dataset)
+
     for entries in index.values():
-        if any(member.split != training for member, _ in entries):
-            leaking |= {(member.dataset, sample.group) for member, sample in entries if member.split == training}
+        if any(not is_training(member) for member, _ in entries):
+            leaking |= {(member.dataset, sample.group) for member, sample in entries if is_training(member)}
     report = LeakageReport(shared=_shared(index))
     cleaned: dict[str, dict[str, list[Sample]]] = {}
     for dataset, per_split in datasets.items():
         cleaned[dataset] = {}
         for split, samples in per_split.items():
             kept = list(samples)
-            if split == training:
+            if split == training_of.get(dataset):
                 kept = [s for s in samples if (dataset, s.group) not in leaking]
                 report.excluded += [Member(dataset, split, s.path) for s in samples if (dataset, s.group) in leaking]
             cleaned[dataset][split] = kept
@@ -175,4 +189,4 @@ def leak_free_splits(
     for name, root in roots.items():
         own_fold = None if manager.get_dataset(name).official_splits else fold
         per_dataset[name] = splits.split_dataset(name, root, seed=seed, fold=own_fold, folds=folds)
-    return exclude_shared(per_dataset)
+    return exclude_shared(per_dataset, training={name: splits.training_split(manager.get_dataset(name)) for name in roots})

@@ -61,6 +61,21 @@ def split_samples(
     return result
 
 
+def training_split(spec: DatasetSpec) -> str:
+    """The split a model trains on: the first of the dataset's `splits` (the plugin contract)."""
+    return spec.splits[0]
+
+
+def validation_split(spec: DatasetSpec) -> Optional[str]:
+    """The split training validates on (model selection and calibration): the evaluation split
+    named "valid" where there is one, else the second split when a later one is left for testing
+    (the last split is the test split); None for a dataset with no split to spare for validation."""
+    evaluating = spec.splits[1:]
+    if "valid" in evaluating:
+        return "valid"
+    return evaluating[0] if len(evaluating) >= 2 else None
+
+
 def assign_splits(samples: Sequence[Sample], fractions: Mapping[str, float], *, seed: int = DEFAULT_SEED) -> dict[str, str]:
     """Group -> split name. Per label, groups in hash order are dealt out in `fractions` proportions.
 

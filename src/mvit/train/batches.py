@@ -9,7 +9,7 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch import Tensor
 
-from mvit.data.dataset import ImageBatch, image_loader, loader_workers, raise_errors
+from mvit.data.dataset import BadImages, ImageBatch, image_loader, loader_workers
 from mvit.data.features import FeatureCache
 from mvit.data.sampling import balanced_batches, batches_per_dataset, interleave, shuffled_batches
 from mvit.data.transforms import Preprocessing, train_transform
@@ -23,12 +23,12 @@ def epoch_steps(tasks: list[Task], config: TrainConfig, epoch: int, processes: P
     """This process's steps of `epoch`: (task index, sample indices), the same after a resume."""
     t = config.training
     generator = torch.Generator().manual_seed(t.seed * 100_003 + epoch)
-    sizes = [len(task.splits[TRAIN]) for task in tasks]
+    sizes = [len(task.samples(TRAIN)) for task in tasks]
     counts = batches_per_dataset(sizes, t.batch_size, t.dataset_weighting)
     batches = [
-        balanced_batches(task.targets[TRAIN][:, 0].tolist(), t.batch_size, count, generator)
+        balanced_batches(task.labels(TRAIN)[:, 0].tolist(), t.batch_size, count, generator)
         if t.balanced
-        else shuffled_batches(len(task.splits[TRAIN]), t.batch_size, count, generator)
+        else shuffled_batches(len(task.samples(TRAIN)), t.batch_size, count, generator)
         for task, count in zip(tasks, counts)
     ]
     taken = [0] * len(tasks)
@@ -47,41 +47,51 @@ def decoding_workers(config: TrainConfig, count: int, device: torch.device, proc
 
 
 def training_batches(tasks: list[Task], steps: list[tuple[int, list[int]]], config: TrainConfig, device: torch.device, *,
-                     workers: Callable[[int], int], features: Optional[SplitFeatures] = None) -> Iterator[tuple[Task, Tensor, Tensor]]:
+                     workers: Callable[[int], int], features: Optional[SplitFeatures] = None,
+                     bad_images: Optional[BadImages] = None) -> Iterator[tuple[Task, Tensor, Tensor]]:
     """Each step's task, inputs and targets (B, heads), on the device: the backbone's cached features
     (B, D) where `features` is given (a frozen backbone, no augmentation), else augmented images
     (B, 3, H, W) (`workers`: decoding processes for a number of images). The features are loaded, or
-    the loaders started, here: before the first step."""
+    the loaders started, here: before the first step. An unreadable image stops the run with its
+    sentence, or (`bad_images` "skip") is left out of its batch; a batch left empty is skipped."""
+    bad_images = bad_images or BadImages("stop")
     if features is not None:
-        inputs = [features.get(task, TRAIN, all_ranks=True) for task in tasks]  # (N, D) each
+        inputs = [features.get(task, TRAIN, all_ranks=True) for task in tasks]  # (N, D) each, NaN rows: skipped images
         return _steps_from_features(tasks, steps, inputs, device)
     transform = train_transform(config.preprocessing, config.augmentation)
     loaders = []
     for k, task in enumerate(tasks):
         batches = [batch for i, batch in steps if i == k]
         count = sum(len(batch) for batch in batches)
-        loaders.append(image_batches(task.paths(TRAIN), transform, batches, workers=workers(count), device=device))
+        loaders.append(image_batches(task.paths(TRAIN), transform, batches, workers=workers(count), device=device,
+                                     bad_images=bad_images))
     return _steps_from_images(tasks, steps, loaders, device)
 
 
 def _steps_from_features(tasks, steps, features: list[Tensor], device) -> Iterator[tuple[Task, Tensor, Tensor]]:
+    decoded = [torch.isfinite(f).all(dim=1) for f in features]  # (N,) False for images skipped as unreadable
     for k, batch in steps:
         task = tasks[k]
-        yield task, features[k][batch].to(device, non_blocking=True), task.targets[TRAIN][batch].to(device, non_blocking=True)
+        batch = [i for i in batch if decoded[k][i]]
+        if batch:
+            yield task, features[k][batch].to(device, non_blocking=True), task.labels(TRAIN)[batch].to(device, non_blocking=True)
 
 
 def _steps_from_images(tasks, steps, loaders: list[Iterator[ImageBatch]], device) -> Iterator[tuple[Task, Tensor, Tensor]]:
     for k, _ in steps:
         task, decoded = tasks[k], next(loaders[k])
-        targets = task.targets[TRAIN][decoded.positions]
+        if decoded.images is None:  # every image of the batch was skipped as unreadable
+            continue
+        targets = task.labels(TRAIN)[decoded.positions]
         yield task, decoded.images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
 
 
 def image_batches(paths: list[Path], transform: Callable, batches: list[list[int]], *, workers: int,
-                  device: torch.device) -> Iterator[ImageBatch]:
-    """Decoded batches of `paths` as `batches` lists them; an unreadable image stops the run with its sentence."""
+                  device: torch.device, bad_images: Optional[BadImages] = None) -> Iterator[ImageBatch]:
+    """Decoded batches of `paths` as `batches` lists them; an unreadable image stops the run with its
+    sentence, or (`bad_images` "skip") is left out of its batch."""
     loader = image_loader(paths, transform, batch_sampler=batches, workers=workers, device=device)
-    return raise_errors(loader)
+    return (bad_images or BadImages("stop")).apply(loader, paths)
 
 
 class SplitFeatures:

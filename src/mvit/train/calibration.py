@@ -15,22 +15,39 @@ from mvit.evaluate.gate import fit_gate
 from mvit.evaluate.metrics import classification_metrics
 from mvit.infer.model import Model
 from mvit.infer.ood import OODGate
+from mvit.errors import ConfigError
 from mvit.train.config import CalibrationConfig, TrainConfig
 from mvit.train.tasks import TRAIN, VALID, Task
 
 
-def calibrate_heads(model: Model, valid_logits: dict[str, tuple[Tensor, Tensor]], c: CalibrationConfig) -> None:
+def calibrate_heads(model: Model, valid_logits: dict[str, tuple[Tensor, Tensor]], c: CalibrationConfig,
+                    datasets: Optional[dict[str, str]] = None) -> None:
     """Each head's temperature, threshold and calibrated validation metrics, from its validation
-    (logits (N, K), targets (N,))."""
+    (logits (N, K), targets (N,)). A head whose validation images cannot calibrate it (none, or a
+    binary head without both classes) is a ConfigError naming it (`datasets`: head -> where its
+    validation images come from, for that sentence), never a bare ValueError."""
     for name, (logits, targets) in valid_logits.items():
         info = model.heads[name]
-        temperature = fit_temperature(logits, targets) if c.temperature else 1.0
-        probabilities = torch.softmax(logits / temperature, dim=1).numpy()
-        changes = {"temperature": temperature, "calibrated": True}
-        if info.is_binary:
-            positive = info.classes.index(info.positive)
-            changes["threshold"] = choose_threshold(probabilities[:, positive], targets.numpy() == positive, c.target_sensitivity)
-            changes["threshold_target"] = f"sensitivity >= {c.target_sensitivity:g} on the validation split"
+        where = (datasets or {}).get(name, "its validation split")
+        if len(targets) == 0:
+            raise ConfigError(f"head {name} has no readable images in {where}, so it cannot be calibrated; "
+                              f"add labelled images to that split")
+        changes = {"calibrated": True}
+        try:
+            temperature = fit_temperature(logits, targets) if c.temperature else 1.0
+            probabilities = torch.softmax(logits / temperature, dim=1).numpy()
+            changes["temperature"] = temperature
+            if info.is_binary:
+                positive = info.classes.index(info.positive)
+                for cls, present in ((info.positive, targets == positive), (info.classes[1 - positive], targets != positive)):
+                    if not bool(present.any()):
+                        raise ValueError(f"no {cls} image among its {len(targets)} readable validation images")
+                changes["threshold"] = choose_threshold(probabilities[:, positive], targets.numpy() == positive, c.target_sensitivity)
+                changes["threshold_target"] = f"sensitivity >= {c.target_sensitivity:g} on the validation split"
+        except ValueError as error:
+            raise ConfigError(f"head {name} cannot be calibrated on {where}: {error}; give that split labelled "
+                              f"images of every class (more images, another split_seed, or other split fractions), "
+                              f"then resume the run") from None
         metrics = classification_metrics(probabilities, targets.numpy(), info.classes, info.positive, changes.get("threshold"))
         changes["metrics"] = {**info.metrics, **{f"valid_calibrated_{k}": v for k, v in metrics.items()
                                                  if isinstance(v, (int, float)) and math.isfinite(v)}}
@@ -38,9 +55,10 @@ def calibrate_heads(model: Model, valid_logits: dict[str, tuple[Tensor, Tensor]]
 
 
 def run_gate(model: Model, tasks: list[Task], config: TrainConfig, *, cache: Path, workers: Callable[[int], int],
-             say: Callable[[str], None]) -> Optional[OODGate]:
+             say: Callable[[str], None], leave_out: frozenset[str] | set[str] = frozenset()) -> Optional[OODGate]:
     """The gate the best model ships with: none, the init model's (kept because the backbone stayed
-    frozen), or one fitted here (`workers`: decoding processes for a number of images)."""
+    frozen), or one fitted here (`workers`: decoding processes for a number of images; `leave_out`:
+    the paths of images skipped as unreadable)."""
     if not config.calibration.ood_gate.enabled:
         return None
     if model.ood_gate is not None:
@@ -48,14 +66,15 @@ def run_gate(model: Model, tasks: list[Task], config: TrainConfig, *, cache: Pat
         say(f"kept the init model's out-of-distribution gate (fitted on {datasets}); to cover this run's "
             f"datasets too, refit it on all of them with `mvit calibrate`")
         return model.ood_gate
-    return _fit_gate(model, tasks, config, cache=cache, workers=workers, say=say)
+    return _fit_gate(model, tasks, config, cache=cache, workers=workers, say=say, leave_out=leave_out)
 
 
 def _fit_gate(model: Model, tasks: list[Task], config: TrainConfig, *, cache: Path, workers: Callable[[int], int],
-              say: Callable[[str], None]) -> OODGate:
+              say: Callable[[str], None], leave_out=frozenset()) -> OODGate:
     """The best model's training images' features, and a threshold that accepts `accept` of its validation images."""
     g = config.calibration.ood_gate
-    paths = {split: list(dict.fromkeys(s.path for task in tasks for s in task.splits[split])) for split in (TRAIN, VALID)}
+    paths = {role: list(dict.fromkeys(s.path for task in tasks for s in task.samples(role) if str(s.path) not in leave_out))
+             for role in (TRAIN, VALID)}
     gate = fit_gate(model, paths[TRAIN], paths[VALID], method=g.method, accept=g.accept, layer=g.layer,
                     datasets=[task.dataset for task in tasks], precision=config.training.precision,
                     workers=workers(len(paths[TRAIN])), cache=cache, say=say)

@@ -94,6 +94,9 @@ class TrainingConfig(_Strict):
     device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
     precision: Precision = "auto"
     workers: Union[int, Literal["auto"]] = "auto"
+    # an image that does not decode: "stop" the run with one sentence naming it, or "skip" it (left
+    # out of its batch, of validation and of the feature cache; the count is reported each epoch)
+    bad_images: Literal["stop", "skip"] = "stop"
     # frozen backbone and no augmentation: read backbone features from this HDF5 cache
     feature_cache: Optional[Path] = None
 
@@ -153,6 +156,7 @@ def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None) -
         raise ConfigError(f"{path} is not valid TOML: {error}") from None
     for item in overrides or []:
         _apply_override(raw, item)
+    overridden = {tuple(item.split("=", 1)[0].strip().split(".")): item for item in overrides or []}
     # paths in a config are relative to the config file, so a config works from any folder
     base = path.resolve().parent
 
@@ -170,21 +174,27 @@ def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None) -
     training = raw.get("training")
     if isinstance(training, dict) and training.get("feature_cache"):
         training["feature_cache"] = anchored(training["feature_cache"])
-    return validate_config(raw, source=str(path))
+    return validate_config(raw, source=str(path), overridden=overridden)
 
 
-def validate_config(raw: dict, source: str = "the config") -> TrainConfig:
+def validate_config(raw: dict, source: str = "the config", overridden: Optional[dict[tuple[str, ...], str]] = None) -> TrainConfig:
+    """`overridden`: dotted key (split) -> the `--set` item that set it, so an error in a value given
+    on the command line is attributed to that option, not to the config file."""
     try:
         return TrainConfig.model_validate(raw)
     except ValidationError as error:
         first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "(top level)"
+        loc = tuple(str(part) for part in first["loc"])
+        where = ".".join(loc) or "(top level)"
+        for key, item in (overridden or {}).items():
+            if key and loc and (loc[: len(key)] == key or key[: len(loc)] == loc):  # the value set, or a field within it
+                raise ConfigError(f"--set {item}: {where}: {first['msg']}") from None
         raise ConfigError(f"{source}: {where}: {first['msg']}") from None
 
 
 def _apply_override(raw: dict, item: str) -> None:
     if "=" not in item:
-        raise ConfigError(f"override {item!r} must look like section.key=value")
+        raise ConfigError(f"--set {item}: an override must look like section.key=value")
     key, text = item.split("=", 1)
     try:
         value = tomllib.loads(f"v = {text}")["v"]
@@ -198,7 +208,7 @@ def _apply_override(raw: dict, item: str) -> None:
         elif isinstance(node, dict):
             node = node.setdefault(part, {})
         else:
-            raise ConfigError(f"override {item!r}: there is no {part!r} to set")
+            raise ConfigError(f"--set {item}: there is no {part!r} to set")
     if not isinstance(node, dict):
-        raise ConfigError(f"override {item!r}: {'.'.join(parents)} is not a section")
+        raise ConfigError(f"--set {item}: {'.'.join(parents)} is not a section")
     node[leaf] = value

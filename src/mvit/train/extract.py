@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from mvit.data.dataset import BadImages
 from mvit.data.features import FeatureCache
 from mvit.nn.precision import autocast_dtype, resolve_device
 from mvit.progress import progress_bar
@@ -26,7 +27,11 @@ def extract(config: TrainConfig, *, console=None) -> Path:
     say = (lambda message: console.print(message, highlight=False)) if processes.main else (lambda message: None)
     tasks = build_tasks(config, say)
     model = build_model(config, tasks, say).to(device)
-    cache = FeatureCache(config.training.feature_cache or Path(config.output) / "features.h5", warn=say)
+    bad_images = BadImages(config.training.bad_images)  # "stop": one sentence naming the file; "skip": counted
+    cache = FeatureCache(config.training.feature_cache or Path(config.output) / "features.h5", warn=say, bad_images=bad_images)
+    if processes.main:
+        cache.prepare()  # a cache that cannot be written is one sentence now, not after the first chunk
+    processes.barrier()
     paths = list(dict.fromkeys(s.path for task in tasks for samples in task.splits.values() for s in samples))
     workers = decoding_workers(config, len(paths), device, processes.world)
     with progress_bar(console, disable=not processes.main) as progress:
@@ -35,5 +40,8 @@ def extract(config: TrainConfig, *, console=None) -> Path:
                                  dtype=autocast_dtype(config.training.precision, device), workers=workers,
                                  shard=(processes.rank, processes.world), progress=lambda n: progress.advance(bar, n))
     processes.barrier()
-    say(f"{len(paths)} images in {cache.path}; this process computed {computed}, the rest were cached")
+    skipped = len(bad_images.skipped)
+    say(f"{len(paths) - skipped} images in {cache.path}; this process computed {computed - skipped}, the rest were cached")
+    if skipped:
+        say(f"warning: {bad_images.summary()}")
     return cache.path

@@ -16,6 +16,7 @@ from mvit.nn.vit import VisionTransformer, named_config
 from mvit.nn.weights import create_backbone
 from mvit.registry import manager
 from mvit.train.config import BackboneConfig, TrainConfig
+from mvit.train.run_folder import UNCALIBRATED
 from mvit.train.tasks import Task
 
 
@@ -50,7 +51,9 @@ def build_model(config: TrainConfig, tasks: list[Task], warn: Callable[[str], No
         # dataset at a time. A backbone that will change would leave them stale: drop them.
         if name in trained_here or config.unfreeze.mode == "none":
             if name not in trained_here or info.classes == manager.get_head(name).classes:
-                model.add_head(info)
+                # a head trained further here loses the init model's operating point: it was fitted
+                # for other weights, and the end of this run fits one for these (a kept head keeps its)
+                model.add_head(info.model_copy(update=UNCALIBRATED) if name in trained_here else info)
                 model.classifiers[name].load_state_dict(previous.classifiers[name].state_dict())
         else:
             warn(f"head {name!r} of {init} is dropped: the backbone is fine-tuned, which would leave it stale")

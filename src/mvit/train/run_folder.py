@@ -1,21 +1,34 @@
 """The run folder and its files: config.json, metrics.jsonl, last/best model files (with their
-provenance), curves.png, and state.pt, which lets `--resume` continue exactly where a run stopped."""
+provenance), curves.png, and state.pt, which lets `--resume` continue exactly where a run stopped.
+
+A run folder is addressed by where it is, never by where it was: `--resume DIR` reads and writes
+DIR's files only, whatever output its config.json recorded (a copied run resumes into the copy, a
+moved one reads only its own files). Every file is written aside and renamed into place, so a kill
+or a full disk leaves the previous version whole; a write that fails is one sentence.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
+import pickle
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
-from mvit.errors import ConfigError
+from mvit.errors import ConfigError, ModelFileError, MvitError
 from mvit.infer import model_file
 from mvit.infer.model import Model
 from mvit.train.config import TrainConfig, validate_config
 
 STATE_FILE = "state.pt"
+STATE_KEYS = ("epoch", "model", "optimizer", "schedule", "best_score", "best_epoch", "bad_epochs")
+# what a head carries until the end-of-run calibration fits it for these weights
+UNCALIBRATED = {"temperature": 1.0, "threshold": None, "threshold_target": None, "calibrated": False}
 
 
 class RunFolder:
@@ -25,59 +38,182 @@ class RunFolder:
         self.path = Path(path)
         self.metrics = self.path / "metrics.jsonl"
         self.last, self.best = self.path / "last.safetensors", self.path / "best.safetensors"
+        self.state = self.path / STATE_FILE
 
     def start(self, config: TrainConfig) -> None:
         """A new run: refuses a folder that holds one, writes config.json and an empty metrics.jsonl."""
-        if (self.path / STATE_FILE).exists():
+        if self.state.exists():
             raise ConfigError(f"{self.path} already holds a run; resume it with `mvit train --resume {self.path}` or choose another output")
-        self.path.mkdir(parents=True, exist_ok=True)
-        (self.path / "config.json").write_text(config.model_dump_json(indent=2))
-        self.metrics.write_text("")
+        with self.writing(self.path, "the run folder"):
+            self.path.mkdir(parents=True, exist_ok=True)
+        self.check_writable()
+        self._write_text(self.path / "config.json", config.model_dump_json(indent=2))
+        self._write_text(self.metrics, "")
+
+    def check_writable(self) -> None:
+        """The folder exists and takes new files (checked before any work that would be lost)."""
+        if not self.path.is_dir():
+            raise ConfigError(f"{self.path} is not a folder; give the run folder itself")
+        probe = self.path / f".write-test.{os.getpid()}"
+        with self.writing(self.path, "the run folder"):
+            probe.write_bytes(b"")
+            probe.unlink()
 
     def append(self, record: dict) -> None:
-        with open(self.metrics, "a") as file:
-            file.write(json.dumps(record) + "\n")
+        """One more line of metrics.jsonl (the file is rewritten aside and renamed: never half a line)."""
+        text = self.metrics.read_text() if self.metrics.is_file() else ""
+        self._write_text(self.metrics, text + json.dumps(record) + "\n")
 
     def history(self, before_epoch: int, *, rewrite: bool) -> list[dict]:
         """The records of the epochs before `before_epoch`; `rewrite`: drop the later ones from metrics.jsonl."""
-        lines = self.metrics.read_text().splitlines()
-        # an epoch that finished its metrics but not its state is run again
-        history = [json.loads(line) for line in lines if line.strip() and json.loads(line)["epoch"] < before_epoch]
+        lines = self.metrics.read_text().splitlines() if self.metrics.is_file() else []
+        history = []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by an older mvit's interrupted write
+                continue
+            # an epoch that finished its metrics but not its state is run again
+            if isinstance(record, dict) and isinstance(record.get("epoch"), int) and record["epoch"] < before_epoch:
+                history.append(record)
         if rewrite:
-            self.metrics.write_text("".join(json.dumps(h) + "\n" for h in history))
+            self._write_text(self.metrics, "".join(json.dumps(h) + "\n" for h in history))
         return history
 
     def plot(self, history: list[dict], best_metric: str) -> None:
         from mvit.plots import plot_training_curves
 
-        plot_training_curves(history, self.path / "curves.png", best_metric)
+        target = self.path / "curves.png"
+        partial = self.path / f".curves.{os.getpid()}.partial.png"
+        with self.writing(target, "the training curves", partial):
+            plot_training_curves(history, partial, best_metric)
+            os.replace(partial, target)
 
     def save_state(self, state: dict) -> None:
         """Written aside, then renamed: an interrupted write leaves the previous state whole."""
-        partial = self.path / f".{STATE_FILE}.partial"
-        torch.save(state, partial)
-        os.replace(partial, self.path / STATE_FILE)
+        partial = self.path / f".{STATE_FILE}.{os.getpid()}.partial"
+        with self.writing(self.state, "the training state", partial):
+            with open(partial, "wb") as file:
+                torch.save(state, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(partial, self.state)
 
     def load_state(self, device: torch.device) -> dict:
-        path = self.path / STATE_FILE
-        if not path.is_file():
+        if not self.state.is_file():
             raise ConfigError(f"{self.path} holds no training state to resume (no {STATE_FILE})")
-        return torch.load(path, map_location=device, weights_only=True)  # our own file: tensors and numbers
+        damaged = (f"{self.state} is damaged or incomplete, so the run cannot resume from it; "
+                   f"start the run again (its last finished epochs' models are still in {self.path})")
+        if self.state.stat().st_size == 0:
+            raise ModelFileError(damaged.replace("damaged or incomplete", "empty (0 bytes)"))
+        try:
+            state = torch.load(self.state, map_location=device, weights_only=True)  # our own file: tensors and numbers
+        except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError) as error:
+            if isinstance(error, PermissionError):
+                raise ModelFileError(f"{self.state} cannot be read (permission denied)") from None
+            raise ModelFileError(damaged) from None
+        if not isinstance(state, dict) or any(key not in state for key in STATE_KEYS):
+            raise ModelFileError(damaged)
+        return state
+
+    def check_best(self, best_epoch: int) -> None:
+        """At a resume, before any epoch: the best model so far must still load (a damaged one would
+        otherwise be found only at the end, after every remaining epoch)."""
+        if best_epoch < 0:
+            return
+        if not self.best.is_file():
+            raise ModelFileError(f"{self.best} is missing, so the run's best model so far is lost; "
+                                 f"restore it, or start the run again")
+        try:
+            model_file.load(self.best)
+        except MvitError as error:
+            raise ModelFileError(f"the run's best model so far cannot be read ({error}); restore {self.best.name}, "
+                                 f"or start the run again") from None
+
+    def save_model(self, model: Model, path: Path, heads: dict, provenance: dict) -> None:
+        with self.writing(path, "the model", *self.path.glob(f".{path.name}.*.partial")):
+            save_model(model, path, heads, provenance)
+
+    def save_calibrated(self, model: Model, provenance: dict) -> None:
+        with self.writing(self.best, "the calibrated best model", *self.path.glob(f".{self.best.name}.*.partial")):
+            model_file.save(model, self.best, provenance=provenance)
+
+    # ---- writing
+
+    def _write_text(self, path: Path, text: str) -> None:
+        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        with self.writing(path, path.name, partial):
+            partial.write_text(text)
+            os.replace(partial, path)
+
+    @contextlib.contextmanager
+    def writing(self, path: Path, what: str, *partials: Path) -> Iterator[None]:
+        """A write that fails (disk full, read-only, a file where a folder should be) is one sentence,
+        and leaves no half-written file behind; the files already written stay as they were."""
+        try:
+            yield
+        except Exception as error:
+            for partial in [*partials, *self.path.glob(f".{path.name}.*.partial")] if self.path.is_dir() else partials:
+                with contextlib.suppress(OSError):
+                    Path(partial).unlink()
+            reason = write_failure(error)
+            if reason is None:
+                raise
+            raise MvitError(f"cannot write {what} {path}: {reason}") from None
+
+
+def write_failure(error: BaseException) -> str | None:
+    """Why a write failed, in words; None for an error that is not about the disk (a bug)."""
+    text = str(error)
+    number = getattr(error, "errno", None)
+    if number == errno.ENOSPC or "No space left" in text or "os error 28" in text:
+        return "the disk is full; free some space (the files of the last finished epoch are intact) and resume the run"
+    if not isinstance(error, OSError) and "os error" not in text:
+        return None
+    if number in (errno.EROFS, errno.EACCES, errno.EPERM) or "Read-only" in text or "Permission denied" in text:
+        return "the folder is read-only or not writable; choose another output (--output DIR)"
+    if number in (errno.ENOTDIR, errno.EEXIST):
+        return "a file stands where a folder should be; choose another output (--output DIR)"
+    return f"{getattr(error, 'strerror', None) or text}"
+
+
+def open_run(run: Path) -> TrainConfig:
+    """The config of the run folder `run`, addressed where it is now: its output is `run` (and a
+    feature cache that lived inside the folder is the one inside `run`), whatever config.json recorded."""
+    run = Path(run).absolute()
+    config = load_run_config(run)
+    recorded = Path(config.output)
+    cache = config.training.feature_cache
+    if cache is not None and Path(cache).is_relative_to(recorded):
+        cache = run / Path(cache).relative_to(recorded)
+    training = config.training.model_copy(update={"feature_cache": cache})
+    return config.model_copy(update={"output": run, "training": training})
 
 
 def load_run_config(run: Path) -> TrainConfig:
     """The config a run folder was started with."""
     config_path = Path(run) / "config.json"
+    if not Path(run).is_dir():
+        raise ConfigError(f"{run} is not a folder; give --resume the run's folder")
     if not config_path.is_file():
         raise ConfigError(f"{run} is not an mvit run folder (no config.json)")
-    return validate_config(json.loads(config_path.read_text()), source=str(config_path))
+    try:
+        raw = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(f"{config_path} cannot be read as JSON ({error}); it is not the config mvit wrote") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{config_path} is not the config mvit wrote (not a JSON object)")
+    return validate_config(raw, source=str(config_path))
 
 
 def save_model(model: Model, path: Path, heads: dict, provenance: dict) -> None:
-    """The model file, each head carrying its validation metrics (`heads`: name -> {"valid": {...}})."""
+    """The model file, each head carrying its validation metrics (`heads`: name -> {"valid": {...}}).
+
+    The heads trained here carry no operating point until the end-of-run calibration fits one for
+    these weights: temperature 1, no threshold, `calibrated` False (never an init model's)."""
     for name, head in heads.items():
-        model.update_head(name, metrics={f"valid_{k}": v for k, v in head["valid"].items()
-                                         if isinstance(v, (int, float)) and math.isfinite(v)})
+        model.update_head(name, **UNCALIBRATED, metrics={f"valid_{k}": v for k, v in head["valid"].items()
+                                                         if isinstance(v, (int, float)) and math.isfinite(v)})
     model_file.save(model, path, provenance=provenance)
 
 

@@ -1,4 +1,8 @@
-"""What a run trains on: each dataset's splits, with leakage kept out, and every sample's class per head."""
+"""What a run trains on: each dataset's splits, with leakage kept out, and every sample's class per head.
+
+A dataset names its own splits (the plugin contract: the first of `DatasetSpec.splits` is the
+training split); a run uses two of them, by role: TRAIN and VALID (`registry.splits.validation_split`).
+"""
 
 from __future__ import annotations
 
@@ -10,13 +14,13 @@ import torch
 from torch import Tensor
 
 from mvit.data.mixing import IGNORE
-from mvit.errors import ConfigError
+from mvit.errors import ConfigError, DatasetError
 from mvit.registry import leakage, manager, splits
 from mvit.registry.records import class_indices
 from mvit.registry.specs import Sample
 from mvit.train.config import TrainConfig
 
-TRAIN, VALID = "train", "valid"
+TRAIN, VALID = "train", "valid"  # roles, not split names: each dataset's names are in `Task.roles`
 
 
 @dataclass
@@ -25,28 +29,45 @@ class Task:
 
     dataset: str
     heads: list[str]
-    splits: dict[str, list[Sample]]
+    splits: dict[str, list[Sample]]  # the dataset's own split names -> samples
     targets: dict[str, Tensor]  # split -> (N, len(heads)) class indices, IGNORE where a head leaves a sample out
+    roles: dict[str, str]  # TRAIN / VALID -> the name of the dataset's split in that role
 
-    def paths(self, split: str) -> list[Path]:
-        return [sample.path for sample in self.splits[split]]
+    def samples(self, role: str) -> list[Sample]:
+        return self.splits[self.roles[role]]
+
+    def labels(self, role: str) -> Tensor:
+        """(N, len(heads)) class indices of the split in `role`."""
+        return self.targets[self.roles[role]]
+
+    def paths(self, role: str) -> list[Path]:
+        return [sample.path for sample in self.samples(role)]
 
 
 def build_tasks(config: TrainConfig, say: Callable[[str], None]) -> list[Task]:
     """Load and split every dataset, and keep images shared between datasets out of training."""
-    per_dataset, heads = {}, {}
-    for entry in config.datasets:
+    per_dataset, heads, roles = {}, {}, {}
+    for i, entry in enumerate(config.datasets):
         spec = manager.get_dataset(entry.name)
+        validation = splits.validation_split(spec)
+        if validation is None:
+            raise ConfigError(f"dataset {entry.name} has no split to validate on (its splits: {', '.join(spec.splits)}); "
+                              f"training needs a split named \"valid\", or a second split before the test split")
+        roles[entry.name] = {TRAIN: splits.training_split(spec), VALID: validation}
         fold = None if spec.official_splits else entry.fold
-        per_dataset[entry.name] = splits.split_dataset(
-            entry.name, entry.root, seed=entry.split_seed, fold=fold, folds=entry.folds, fractions=entry.fractions
-        )
+        try:
+            per_dataset[entry.name] = splits.split_dataset(
+                entry.name, entry.root, seed=entry.split_seed, fold=fold, folds=entry.folds, fractions=entry.fractions
+            )
+        except DatasetError as error:  # worded for commands with --root; a run reads its roots from the config
+            raise DatasetError(str(error).replace(
+                "pass --root ", f"set datasets.{i}.root in the config (or --set datasets.{i}.root=DIR) to ")) from None
         offered = [head.name for head in manager.registry().heads_of(entry.name)]
         for name in entry.heads:
             if manager.get_head(name).dataset != entry.name:
                 raise ConfigError(f"head {name!r} belongs to dataset {manager.get_head(name).dataset!r}, not {entry.name!r}")
         heads[entry.name] = entry.heads or offered
-    cleaned, report = leakage.exclude_shared(per_dataset, training=TRAIN)
+    cleaned, report = leakage.exclude_shared(per_dataset, training={name: r[TRAIN] for name, r in roles.items()})
     if report.excluded:
         say(f"kept {len(report.excluded)} training images out: the same image is in an evaluation split")
     tasks = []
@@ -59,9 +80,33 @@ def build_tasks(config: TrainConfig, say: Callable[[str], None]) -> list[Task]:
             used = [i for i, row in enumerate(rows) if any(t != IGNORE for t in row)]
             kept[split] = [samples[i] for i in used]
             targets[split] = torch.tensor([rows[i] for i in used], dtype=torch.long).reshape(len(used), len(specs))
-        for split in (TRAIN, VALID):
+        for role in (TRAIN, VALID):
+            split = roles[entry.name][role]
             if not kept.get(split):
                 raise ConfigError(f"dataset {entry.name} has no images in its {split} split; check its root and split settings")
-        tasks.append(Task(entry.name, heads[entry.name], kept, targets))
+        tasks.append(Task(entry.name, heads[entry.name], kept, targets, roles[entry.name]))
     return tasks
 
+
+def check_validation(tasks: list[Task]) -> None:
+    """Before the first epoch (and at a resume): every head has validation images, and each binary
+    head, whose decision threshold the end of the run calibrates, has both of its classes among them."""
+    for task in tasks:
+        split = task.roles[VALID]
+        for h, name in enumerate(task.heads):
+            head = manager.get_head(name)
+            targets = task.labels(VALID)[:, h]
+            present = targets[targets != IGNORE]
+            if len(present) == 0:
+                raise ConfigError(
+                    f"head {name} has no images in the {split} split of dataset {task.dataset}, so it can be neither "
+                    f"validated nor calibrated; add labelled images to that split (or change split_seed or fractions)")
+            if len(head.classes) == 2 and head.positive is not None:
+                positive = head.classes.index(head.positive)
+                for cls, count in ((head.positive, int((present == positive).sum())),
+                                   (head.classes[1 - positive], int((present != positive).sum()))):
+                    if count == 0:
+                        raise ConfigError(
+                            f"head {name} has no {cls} image in the {split} split of dataset {task.dataset} "
+                            f"({len(present)} images), so its decision threshold cannot be calibrated; give that split "
+                            f"images of both classes (more images, another split_seed, or other split fractions)")

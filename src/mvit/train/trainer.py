@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mvit.data.dataset import BadImages
 from mvit.data.features import FeatureCache
 from mvit.data.mixing import IGNORE, Mix, mix_images, mixing_active, soft_targets
 from mvit.data.transforms import eval_transform
@@ -39,8 +40,8 @@ from mvit.train.distributed import Processes, step_module
 from mvit.train.epoch_metrics import HeadStats, epoch_line, epoch_record
 from mvit.train.model_setup import build_model
 from mvit.train.optim import apply_unfreezing, make_optimizer, make_schedule, unfreeze_order, unfrozen_groups
-from mvit.train.run_folder import STATE_FILE, RunFolder, load_run_config, provenance, save_model
-from mvit.train.tasks import VALID, Task, build_tasks
+from mvit.train.run_folder import STATE_FILE, RunFolder, open_run, provenance
+from mvit.train.tasks import VALID, Task, build_tasks, check_validation
 
 
 def train(config: TrainConfig, *, resume: bool = False, console=None) -> Path:
@@ -49,8 +50,9 @@ def train(config: TrainConfig, *, resume: bool = False, console=None) -> Path:
 
 
 def resume(run: Path, *, console=None) -> Path:
-    """Continue the run in folder `run` where it stopped."""
-    return Trainer(load_run_config(run), console=console, resume=True).run()
+    """Continue the run in folder `run` where it stopped: `run` itself, wherever it now is (never
+    the output its config.json recorded)."""
+    return Trainer(open_run(run), console=console, resume=True).run()
 
 
 class Trainer:
@@ -66,13 +68,18 @@ class Trainer:
         if self.device.type == "cuda":  # float32 leftovers outside autocast may use TF32 tensor cores
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         self.tasks = build_tasks(config, self.say)
+        check_validation(self.tasks)  # before the first epoch, not after the last
+        if resume and self.processes.main:
+            self.folder.check_writable()
         self.model = build_model(config, self.tasks, self.warn).to(self.device)
         self.order = unfreeze_order(self.model, config)
         self.optimizer = make_optimizer(self.model, config)
         self.ema = make_ema(self.model, config.training.ema_decay)
         steps_per_epoch = len(epoch_steps(self.tasks, config, 0, self.processes))
         self.schedule = make_schedule(self.optimizer, config, steps_per_epoch)
-        self.cache = FeatureCache(config.training.feature_cache or self.folder.path / "features.h5", warn=self.warn)
+        self.bad_images = BadImages(config.training.bad_images)
+        self.cache = FeatureCache(config.training.feature_cache or self.folder.path / "features.h5", warn=self.warn,
+                                  bad_images=self.bad_images)
         self.features = SplitFeatures(self.cache, self.model, config.preprocessing, self.device, self.dtype, self.processes,
                                       workers=self._workers)
         self.history: list[dict] = []
@@ -81,6 +88,8 @@ class Trainer:
             self._load_state()
         elif self.processes.main:
             self.folder.start(config)
+        if self.processes.main:
+            self.cache.prepare()
         self.processes.barrier()
 
     def say(self, message: str) -> None:
@@ -135,7 +144,8 @@ class Trainer:
         from_features = not unfrozen and not c.augmentation.enabled  # a frozen backbone on unaugmented images: cached features
         steps = epoch_steps(self.tasks, c, epoch, self.processes)
         features = self.features if from_features else None
-        batches = training_batches(self.tasks, steps, c, self.device, workers=self._workers, features=features)
+        batches = training_batches(self.tasks, steps, c, self.device, workers=self._workers, features=features,
+                                   bad_images=self.bad_images)
         mixing = not from_features and mixing_active(c.augmentation.mixing, epoch, c.training.epochs)
         stats = {name: HeadStats() for task in self.tasks for name in task.heads}
         bar = progress.add_task(f"epoch {epoch + 1} train", total=len(steps))
@@ -179,12 +189,13 @@ class Trainer:
         results, valid_logits = {}, {}
         for task in self.tasks:
             if use_cache:
-                features = self.features.get(task, VALID, all_ranks=False).to(self.device)
-                logits = self.model.head_logits(features, task.heads)
+                features = self.features.get(task, VALID, all_ranks=False)
+                decoded = torch.isfinite(features).all(dim=1)  # False: skipped as unreadable
+                logits = self.model.head_logits(features[decoded].to(self.device), task.heads)
             else:
-                logits = self._logits(task, VALID, progress)
+                logits, decoded = self._logits(task, VALID, progress)
             for h, name in enumerate(task.heads):
-                targets = task.targets[VALID][:, h]
+                targets = task.labels(VALID)[decoded, h]
                 keep = targets != IGNORE
                 head_logits = logits[name].float().cpu()[keep]
                 valid_logits[name] = (head_logits, targets[keep])
@@ -193,23 +204,27 @@ class Trainer:
                 results[name] = stats.summary(self.model.heads[name])
         return results, valid_logits
 
-    def _logits(self, task: Task, split: str, progress) -> dict[str, Tensor]:
-        """Each head's logits (N, K) on the images of `split`, decoded and run through the whole model."""
-        paths = task.paths(split)
+    def _logits(self, task: Task, role: str, progress) -> tuple[dict[str, Tensor], Tensor]:
+        """Each head's logits (n, K) on the images of the split in `role`, decoded and run through the
+        whole model, and which of the split's N images they are (N,) (all but those skipped as unreadable)."""
+        paths = task.paths(role)
         size = self.config.training.batch_size * 2
         batches = [list(range(i, min(i + size, len(paths)))) for i in range(0, len(paths), size)]
-        bar = progress.add_task(f"{task.dataset} {split}", total=len(batches))
-        out: dict[str, list[Tensor]] = {name: [] for name in task.heads}
+        bar = progress.add_task(f"{task.dataset} {task.roles[role]}", total=len(batches))
+        out: dict[str, list[Tensor]] = {name: [torch.empty(0, len(self.model.heads[name].classes))] for name in task.heads}
+        decoded = torch.zeros(len(paths), dtype=torch.bool)
         images = image_batches(paths, eval_transform(self.config.preprocessing), batches, workers=self._workers(len(paths)),
-                               device=self.device)
+                               device=self.device, bad_images=self.bad_images)
         for batch in images:
-            with autocast(self.device, self.dtype):
-                logits = self.model(batch.images.to(self.device), task.heads)
-            for name in task.heads:
-                out[name].append(logits[name].float().cpu())
+            if batch.images is not None:
+                with autocast(self.device, self.dtype):
+                    logits = self.model(batch.images.to(self.device), task.heads)
+                for name in task.heads:
+                    out[name].append(logits[name].float().cpu())
+                decoded[batch.positions] = True
             progress.advance(bar)
         progress.remove_task(bar)
-        return {name: torch.cat(parts) for name, parts in out.items()}
+        return {name: torch.cat(parts) for name, parts in out.items()}, decoded
 
     def _workers(self, count: int) -> int:
         return decoding_workers(self.config, count, self.device, self.processes.world)
@@ -218,7 +233,10 @@ class Trainer:
 
     def _record(self, epoch: int, unfrozen: list[str], train: dict, valid: dict, ema_valid: Optional[dict], seconds: float) -> dict:
         lr = {g["group"]: g["lr"] for g in self.optimizer.param_groups}
-        return epoch_record(epoch, unfrozen, lr, train, valid, ema_valid, seconds, self.config.training.best_metric)
+        record = epoch_record(epoch, unfrozen, lr, train, valid, ema_valid, seconds, self.config.training.best_metric)
+        if self.bad_images.skipped:
+            record["skipped_images"] = len(self.bad_images.skipped)
+        return record
 
     def _after_epoch(self, epoch: int, record: dict) -> bool:
         """Write metrics, models, curves and state (rank 0); returns whether to stop early."""
@@ -241,11 +259,14 @@ class Trainer:
         self.folder.plot(self.history, self.config.training.best_metric)
         self.folder.save_state(self._state(epoch))
         self.say(epoch_line(record, self.config.training.epochs, improved, use_ema))
+        if self.bad_images.skipped:
+            self.warn(self.bad_images.summary())
         patience = self.config.training.early_stopping
         return patience is not None and self.bad_epochs >= patience
 
     def _save_model(self, path: Path, epoch: int, heads: dict, weights: str = "trained") -> None:
-        save_model(self.model, path, heads, self._provenance(epoch, weights))
+        """A model file before calibration: the trained heads carry no operating point (`calibrated` False)."""
+        self.folder.save_model(self.model, path, heads, self._provenance(epoch, weights))
 
     def _provenance(self, epoch: int, weights: str) -> dict:
         return provenance(self.model, self.config, epoch, self.best_epoch, weights)
@@ -275,6 +296,7 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         self.start_epoch = state["epoch"] + 1
         self.best_score, self.best_epoch, self.bad_epochs = state["best_score"], state["best_epoch"], state["bad_epochs"]
+        self.folder.check_best(self.best_epoch)  # now, not after the remaining epochs
         self.history = self.folder.history(self.start_epoch, rewrite=self.processes.main)
 
     # ---- end of run
@@ -290,7 +312,12 @@ class Trainer:
         from rich.progress import Progress
 
         _, valid_logits = self._validate(self.config.unfreeze.mode == "none", Progress(disable=True))
-        calibrate_heads(self.model, valid_logits, self.config.calibration)
-        self.model.ood_gate = run_gate(self.model, self.tasks, self.config, cache=self.cache.path, workers=self._workers, say=self.say)
+        calibrate_heads(self.model, valid_logits, self.config.calibration, datasets=self._head_datasets())
+        self.model.ood_gate = run_gate(self.model, self.tasks, self.config, cache=self.cache.path, workers=self._workers,
+                                       say=self.say, leave_out=set(self.bad_images.skipped))
         weights = best.provenance["training"][-1].get("weights", "trained")  # a best file from before averaging existed
-        model_file.save(self.model, self.folder.best, provenance=self._provenance(self.best_epoch, weights))
+        self.folder.save_calibrated(self.model, provenance=self._provenance(self.best_epoch, weights))
+
+    def _head_datasets(self) -> dict[str, str]:
+        """Head -> "dataset D (split S)", for calibration's messages."""
+        return {name: f"the {task.roles[VALID]} split of dataset {task.dataset}" for task in self.tasks for name in task.heads}
