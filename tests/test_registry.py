@@ -565,3 +565,31 @@ def test_leak_free_splits_and_the_leaks_command(tmp_path, capsys, monkeypatch):
 def test_heads_that_predict_could_not_answer_for_are_refused(changes, says):
     with pytest.raises(ValueError, match=says):
         HeadSpec(**{"name": "h", "dataset": "d", "classes": ("a", "b"), **changes})
+
+
+BUGGY_LOADER = """
+    from mvit.registry import DatasetSpec, hookimpl
+
+    def load(root):
+        return 1 / 0
+
+    @hookimpl
+    def register_datasets(register):
+        register(DatasetSpec(name="buggy", title="Buggy", labels=("a", "b"), load=load))
+"""
+
+
+def test_mvit_debug_shows_the_plugin_authors_traceback(tmp_path, broken_site):
+    fake_distribution(broken_site, "mvit-buggy", {"buggy": "mvit_buggy_plugin"}, {"mvit_buggy_plugin": BUGGY_LOADER})
+    env = {"PYTHONPATH": str(broken_site)}
+    quiet = run_mvit("data", "check", "buggy", "--root", str(tmp_path), env=env)
+    assert quiet.code == 2 and "Traceback" not in quiet.stderr
+    assert quiet.stderr.strip().splitlines() == [quiet.stderr.strip()]
+    assert "ZeroDivisionError" in quiet.stderr and "MVIT_DEBUG=1" in quiet.stderr
+    loud = run_mvit("data", "check", "buggy", "--root", str(tmp_path), env={**env, "MVIT_DEBUG": "1"})
+    assert loud.code == 2 and "Traceback" in loud.stderr and "return 1 / 0" in loud.stderr
+    assert loud.stderr.strip().splitlines()[-1] == quiet.stderr.strip()  # the sentence still ends it
+
+    listing = run_mvit("plugins", env={**env, "MVIT_DEBUG": "1"})
+    assert listing.code == 0 and "Traceback" in listing.stderr and "mvit_broken_no_such_module" in listing.stderr
+    assert "Traceback" not in run_mvit("plugins", env=env).stderr

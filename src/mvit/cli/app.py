@@ -20,14 +20,12 @@ import errno
 import os
 import re
 import sys
+import traceback
 from typing import Optional
 
 import typer
 
-try:  # typer >= 0.22 carries its own copy of click
-    from typer._click import exceptions as click_errors
-except ImportError:  # pragma: no cover - older typer uses click itself
-    from click import exceptions as click_errors
+from typer._click import exceptions as click_errors  # typer >= 0.26 carries its own copy of click
 
 from mvit.cli import data, evaluate, predict, train
 from mvit.cli.output import error_line
@@ -42,13 +40,13 @@ app = typer.Typer(
 )
 
 # in this order in `mvit --help` (groups come after the commands)
-app.command("plugins")(data.plugins_command)
 app.command("predict")(predict.predict_command)
 app.command("attention")(predict.attention_command)
 app.command("evaluate")(evaluate.evaluate_command)
 app.command("calibrate")(evaluate.calibrate_command)
 app.command("train")(train.train_command)
 app.command("extract")(train.extract_command)
+app.add_typer(data.plugins_app, name="plugins")
 app.add_typer(data.data_app, name="data")
 
 EXIT_USER_ERROR = 2  # a mistake in what was asked: a file, a folder, a config, an option
@@ -61,6 +59,10 @@ def main() -> None:
     try:
         code = app(standalone_mode=False)  # standalone mode would print click's own "Aborted!" for some errors
     except MvitError as error:
+        from mvit.registry.catalog import debugging
+
+        if debugging() and error.__cause__ is not None:  # a plugin author's view: where it really failed
+            traceback.print_exception(error.__cause__)
         error_line(str(error))
         sys.exit(EXIT_USER_ERROR)
     except click_errors.NoArgsIsHelpError as error:  # `mvit` or `mvit data` alone: the help, printed already

@@ -12,20 +12,31 @@ import typer
 from mvit.cli.output import OutputFormat, print_csv, print_table, say, show, stdout
 
 data_app = typer.Typer(help="Inspect dataset folders.", no_args_is_help=True)
+plugins_app = typer.Typer(
+    help="List installed plugins with their distribution and version, the datasets and heads they offer, "
+    "and plugins skipped as broken; `mvit plugins new NAME` writes a new plugin package.",
+    invoke_without_command=True,
+)
 
 # 0 is splits.DEFAULT_SEED, written out so `mvit --help` need not import the registry
 SEED_HELP = "seed of the split, for datasets without official splits"
 
 
+@plugins_app.callback()
 def plugins_command(
+    context: typer.Context,
     output: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="table, json or csv (one row per head)"),
 ) -> None:
     """List installed plugins with their distribution and version, the datasets and heads they offer, and plugins skipped as broken."""
+    if context.invoked_subcommand is not None:
+        return
     import json
 
     from mvit.registry import manager
+    from mvit.registry.catalog import debugging
 
-    summary = manager.registry().as_dict()
+    registry = manager.registry()
+    summary = registry.as_dict()
     if output is OutputFormat.json:
         typer.echo(json.dumps(summary, indent=2))
         return
@@ -53,9 +64,23 @@ def plugins_command(
             ],
         )
         print_table("Heads", ["head", "dataset", "classes", "positive", "plugin"], head_rows)
-    for warning in summary["warnings"]:
-        source = f" ({warning['distribution']})" if warning["distribution"] else ""
-        say(f"warning: plugin {warning['plugin']!r}{source} skipped: {warning['message']}")
+    for warning in registry.warnings:
+        say(f"{warning.level}: {warning.sentence()}")
+        if warning.traceback and debugging():
+            for line in warning.traceback.rstrip().splitlines():
+                say(f"    {line}")
+
+
+@plugins_app.command("new")
+def plugins_new_command(
+    name: str = typer.Argument(..., help="the dataset's name: lower-case letters, digits, '-' and '_'"),
+    output: Path = typer.Option(None, "--output", "-o", help="the package folder to write (default: ./mvit-NAME)"),
+) -> None:
+    """Write a working dataset plugin package to start from: pyproject, plugin module, a test, a README."""
+    from mvit.registry.scaffold import write_plugin
+
+    folder = write_plugin(name, output if output is not None else Path(f"mvit-{name}"))
+    show(f"wrote {folder}; next: cd {folder} && pip install -e '.[test]' && pytest, then edit its loader")
 
 
 @data_app.command("check")

@@ -46,7 +46,7 @@ def read_dataset(spec: DatasetSpec, root: Path | str) -> list[Sample]:
     except Exception as error:  # noqa: BLE001 - a bug in the plugin, reported as such
         raise PluginError(
             f"the {spec.name} loader of plugin {provider} failed on {root} with {type(error).__name__}: "
-            f"{error}; report this to the plugin's author"
+            f"{error}; report this to the plugin's author (MVIT_DEBUG=1 shows its traceback)"
         ) from error
     if not samples:
         raise DatasetError(f"the {spec.name} folder {root} holds no labelled images; expected {spec.layout}")
