@@ -264,7 +264,7 @@ def test_a_missing_root_is_one_sentence_and_exit_2(tmp_path, capsys, monkeypatch
     "make, other", [(make_dermmel, "ham10000"), (make_ham10000, "ph2"), (make_ph2, "dermmel")]
 )
 def test_a_folder_of_another_dataset_is_a_wrong_layout(tmp_path, make, other):
-    with pytest.raises(DatasetError, match="pass --root the folder that holds"):
+    with pytest.raises(DatasetError, match="the dataset folder must hold"):
         load_samples(other, make(tmp_path))
 
 

@@ -137,15 +137,18 @@ def calibration_paths(model, roots: Mapping[str, Union[str, Path]]) -> tuple[lis
     training leaves it out, so no validation image finds itself in the bank. Augmented copies are
     left out too: the gate should learn what real images look like.
     """
-    per_dataset = {}
+    per_dataset, roles = {}, {}
     for name, root in roots.items():
-        settings = split_settings(model.provenance, name)
-        per_dataset[name] = splits.split_dataset(name, root, **settings)
-        if "valid" not in manager.get_dataset(name).splits:
-            raise ConfigError(f"{name} has no valid split to choose the gate's threshold on")
-    cleaned, _ = leakage.exclude_shared(per_dataset, training="train")
+        spec = manager.get_dataset(name)
+        validation = splits.validation_split(spec)
+        if validation is None:
+            raise ConfigError(f"{name} has no validation split to choose the gate's threshold on (its splits: {', '.join(spec.splits)})")
+        roles[name] = (splits.training_split(spec), validation)
+        per_dataset[name] = splits.split_dataset(name, root, **split_settings(model.provenance, name))
+    cleaned, _ = leakage.exclude_shared(per_dataset)  # each dataset's training split is its first
     train, valid = [], []
-    for per_split in cleaned.values():
-        train += [s.path for s in per_split.get("train", []) if not s.meta.get("augmented")]
-        valid += [s.path for s in per_split["valid"]]
+    for name, per_split in cleaned.items():
+        training, validation = roles[name]
+        train += [s.path for s in per_split.get(training, []) if not s.meta.get("augmented")]
+        valid += [s.path for s in per_split.get(validation, [])]
     return list(dict.fromkeys(train)), list(dict.fromkeys(valid))

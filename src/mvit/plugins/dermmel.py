@@ -27,7 +27,7 @@ def dataset_dir(root: Path) -> Path:
     found = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
     raise DatasetError(
         f"{root} is not a DermMel folder: expected train_sep/, valid/ and test/ in it or in {root / 'DermMel'}, "
-        f"found {found or 'no folders'}; pass --root the folder that holds {LAYOUT}"
+        f"found {found or 'no folders'}; the dataset folder must hold {LAYOUT}"
     )
 
 

@@ -43,7 +43,7 @@ def image_dirs(root: Path) -> list[Path]:
 
 def check_layout(root: Path) -> None:
     if not (root / METADATA).is_file():
-        raise DatasetError(f"{root} has no {METADATA}; pass --root the folder that holds {LAYOUT}")
+        raise DatasetError(f"{root} has no {METADATA}; the dataset folder must hold {LAYOUT}")
 
 
 def load(root: Path) -> list[Sample]:

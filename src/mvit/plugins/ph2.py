@@ -28,13 +28,13 @@ def dataset_dir(root: Path) -> Path:
     for candidate in (root, root / "PH2Dataset"):
         if (candidate / TABLE).is_file():
             return candidate
-    raise DatasetError(f"{root} has no {TABLE} (nor PH2Dataset/{TABLE}); pass --root the folder that holds {LAYOUT}")
+    raise DatasetError(f"{root} has no {TABLE} (nor PH2Dataset/{TABLE}); the dataset folder must hold {LAYOUT}")
 
 
 def check_layout(root: Path) -> None:
     images = dataset_dir(root) / IMAGES
     if not images.is_dir():
-        raise DatasetError(f"{images} is missing; pass --root the folder that holds {LAYOUT}")
+        raise DatasetError(f"{images} is missing; the dataset folder must hold {LAYOUT}")
 
 
 def image_path(base: Path, name: str) -> Path:

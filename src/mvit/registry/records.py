@@ -31,8 +31,8 @@ def read_dataset(spec: DatasetSpec, root: Path | str) -> list[Sample]:
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DatasetError(
-            f"the {spec.name} folder {root} does not exist or is not a folder; pass --root the folder "
-            f"that holds {spec.layout or 'the dataset'}"
+            f"the {spec.name} folder {root} does not exist or is not a folder; the dataset folder must hold "
+            f"{spec.layout or 'the dataset'}"
         )
     provider = _provider(spec.name)
     try:

@@ -24,7 +24,7 @@ def extract(config: TrainConfig, *, console=None) -> Path:
     console = console or Console(stderr=True)
     device = resolve_device(config.training.device, int(os.environ.get("LOCAL_RANK", "0")))
     processes = Processes.from_environment(device.type)
-    say = (lambda message: console.print(message, highlight=False)) if processes.main else (lambda message: None)
+    say = (lambda message: console.print(message, highlight=False, markup=False)) if processes.main else (lambda message: None)
     tasks = build_tasks(config, say)
     model = build_model(config, tasks, say).to(device)
     bad_images = BadImages(config.training.bad_images)  # "stop": one sentence naming the file; "skip": counted

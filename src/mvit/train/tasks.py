@@ -59,9 +59,10 @@ def build_tasks(config: TrainConfig, say: Callable[[str], None]) -> list[Task]:
             per_dataset[entry.name] = splits.split_dataset(
                 entry.name, entry.root, seed=entry.split_seed, fold=fold, folds=entry.folds, fractions=entry.fractions
             )
-        except DatasetError as error:  # worded for commands with --root; a run reads its roots from the config
-            raise DatasetError(str(error).replace(
-                "pass --root ", f"set datasets.{i}.root in the config (or --set datasets.{i}.root=DIR) to ")) from None
+        except DatasetError as error:  # say where a run's root comes from, so the user knows what to change
+            raise DatasetError(
+                f"{error} (this root is datasets.{i}.root in the config; change it there or with --set datasets.{i}.root=DIR)"
+            ) from None
         offered = [head.name for head in manager.registry().heads_of(entry.name)]
         for name in entry.heads:
             if manager.get_head(name).dataset != entry.name:

@@ -94,11 +94,11 @@ class Trainer:
 
     def say(self, message: str) -> None:
         if int(os.environ.get("RANK", "0")) == 0:
-            self.console.print(message, highlight=False)
+            self.console.print(message, highlight=False, markup=False)  # paths are not markup
 
     def warn(self, message: str) -> None:
         if int(os.environ.get("RANK", "0")) == 0:
-            self.console.print(f"[bold yellow]warning:[/] {message}", highlight=False)
+            self.console.print(f"warning: {message}", highlight=False, markup=False)
 
     # ---- the whole run
 

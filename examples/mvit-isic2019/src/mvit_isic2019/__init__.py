@@ -26,7 +26,7 @@ LAYOUT = f"{GROUND_TRUTH} and {IMAGES}/ISIC_*.jpg"
 def check_layout(root: Path) -> None:
     for name in (GROUND_TRUTH, IMAGES):
         if not (root / name).exists():
-            raise DatasetError(f"{root} has no {name}; pass --root the folder that holds {LAYOUT}")
+            raise DatasetError(f"{root} has no {name}; the dataset folder must hold {LAYOUT}")
 
 
 def _lesions(root: Path) -> dict[str, str]:
