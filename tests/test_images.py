@@ -44,7 +44,7 @@ def test_sixteen_bit_is_scaled_not_clipped(tmp_path):
 
 @pytest.mark.parametrize(
     "name, says",
-    [("notes.jpg", "is not an image file"), ("cut.jpg", "truncated or damaged"), ("empty.jpg", "is empty (0 bytes)"),
+    [("notes.jpg", "is not an image file"), ("cut.jpg", "damaged or incomplete"), ("empty.jpg", "is empty (0 bytes)"),
      ("bomb.png", "too large to decode safely")],
 )
 def test_broken_files_fail_with_one_sentence_naming_the_file(tmp_path, name, says):

@@ -75,7 +75,7 @@ def test_dermmel_augmented_copies_in_evaluation_folders_are_left_out(tmp_path):
     report = check_dataset("dermmel", root)
     assert report.usable
     assert [Path(p).name for p in report.augmented_in_evaluation] == ["AUG_0_9.jpeg"]
-    assert "augmented copies in evaluation splits are left out" in report.warnings[0]
+    assert "1 augmented copy in evaluation splits, left out" in report.warnings[0]
 
 
 def test_dermmel_wrong_layouts_name_the_problem(tmp_path, capsys, monkeypatch):
@@ -153,8 +153,8 @@ def test_ham10000_rows_without_images_and_images_without_rows(tmp_path, capsys, 
     assert not report.usable
     assert [Path(p).name for p in report.missing_images] == ["ISIC_0024389.jpg"]
     assert report.unlabelled_images == [str(extra)]
-    assert report.errors == [f"1 label rows have no image: {report.missing_images[0]}"]
-    with pytest.raises(DatasetError, match=r"1 ham10000 label rows have no image .*run `mvit data check ham10000"):
+    assert report.errors == [f"1 label row without its image: {report.missing_images[0]}"]  # one, not "1 ... rows"
+    with pytest.raises(DatasetError, match=r"1 ham10000 label row without an image .*run `mvit data check ham10000"):
         load_samples("ham10000", root)
     result = call_mvit(capsys, monkeypatch, "data", "check", "ham10000", "--root", str(root))
     assert result.code == 1 and "NOT usable" in result.stdout and "ISIC_0024389" in result.stdout

@@ -593,3 +593,43 @@ def test_mvit_debug_shows_the_plugin_authors_traceback(tmp_path, broken_site):
     listing = run_mvit("plugins", env={**env, "MVIT_DEBUG": "1"})
     assert listing.code == 0 and "Traceback" in listing.stderr and "mvit_broken_no_such_module" in listing.stderr
     assert "Traceback" not in run_mvit("plugins", env=env).stderr
+
+
+def official_plugin(samples_of):
+    """A plugin whose dataset `official` has official splits, its samples made by `samples_of(root)`."""
+
+    class Official:
+        @hookimpl
+        def register_datasets(self, register):
+            register(DatasetSpec(name="official", title="official", labels=("a", "b"), official_splits=True, load=samples_of))
+
+    return Official()
+
+
+def test_official_splits_missing_on_some_samples_state_the_rule(tmp_path):
+    for i in range(6):
+        write_image(tmp_path / f"{i}.jpg")
+
+    def samples(root):
+        return [Sample(path=root / f"{i}.jpg", label="a", group=str(i), split="train" if i % 2 else None) for i in range(6)]
+
+    with manager.temporary_plugins(official_plugin(samples)):
+        with pytest.raises(PluginError, match=r"declares official splits, so its loader must give every sample one of "
+                                              r"train, valid, test; 3 samples of 6 do not \(the first, .*0.jpg, has no split\)"):
+            splits.split_dataset("official", tmp_path)
+
+
+def test_data_check_warns_about_one_isic_image_in_two_splits(tmp_path):
+    from mvit.registry.check import check_dataset
+
+    names = {"ISIC_0000001.jpg": "train", "ISIC_0000001_downsampled.jpg": "test", "ISIC_0000002.jpg": "valid"}
+    for i, name in enumerate(names):
+        write_image(tmp_path / name, seed=i)  # different bytes: only the ISIC id ties the first two
+
+    def samples(root):
+        return [Sample(path=root / name, label="a", group=name, split=split) for name, split in names.items()]
+
+    with manager.temporary_plugins(official_plugin(samples)):
+        report = check_dataset("official", tmp_path)
+    assert report.isic_ids_across_splits == ["ISIC_0000001 (test, train)"]
+    assert any(w.startswith("1 ISIC id in more than one split") for w in report.warnings)

@@ -299,7 +299,7 @@ def test_a_bad_training_image_stops_with_one_sentence_whatever_the_worker_count(
     config = config_file(folder, root, mode=mode, epochs=1, workers=2)
     result = run_mvit("train", str(config), "--output", str(folder / f"stop-{mode}"))
     text = one_sentence(result)
-    assert bad.name in text and "truncated or damaged" in text
+    assert bad.name in text and "damaged or incomplete" in text
 
 
 def test_a_bad_training_image_is_skipped_and_counted_when_asked(damaged_training_image):

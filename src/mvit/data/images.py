@@ -70,7 +70,9 @@ def _decode(source: Union[Path, BinaryIO], name: str) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError(f"{name} is too large to decode safely (over {MAX_PIXELS:,} pixels)") from None
     except (OSError, SyntaxError, ValueError) as error:  # Pillow's decoders report damage in these types
-        raise ImageError(f"{name} is truncated or damaged ({str(error) or type(error).__name__})") from None
+        # Pillow's own words name the symptom, not always the cause ("Truncated File Read" for a bad
+        # chunk in a whole file), so they are quoted as Pillow's
+        raise ImageError(f"{name} is damaged or incomplete: Pillow could not decode it ({str(error) or type(error).__name__})") from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

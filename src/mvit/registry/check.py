@@ -19,7 +19,8 @@ from typing import Optional
 from PIL import Image
 from pydantic import BaseModel
 
-from mvit.registry import manager, records, splits
+from mvit.registry import leakage, manager, records, splits
+from mvit.registry.words import count
 from mvit.registry.specs import Sample
 
 EXAMPLES = 10  # problem paths shown per kind in sentences; the JSON report has them all
@@ -43,6 +44,7 @@ class CheckReport(BaseModel):
     augmented_in_evaluation: list[str]  # left out of the evaluation splits
     duplicates_across_splits: list[list[str]]  # "split: path" of identical files in different splits
     groups_across_splits: list[str]  # groups (lesions) with images in more than one official split
+    isic_ids_across_splits: list[str] = []  # one ISIC image (resized or re-encoded copies) in several splits
     empty_splits: list[str]
     errors: list[str]  # one sentence each; any makes the dataset unusable
     warnings: list[str]
@@ -68,26 +70,31 @@ def check_dataset(name: str, root: Path | str, *, seed: int = splits.DEFAULT_SEE
     empty = [split for split, items in by_split.items() if not items]
     duplicates = _duplicates(by_split, hashes)
     groups = _groups_across(by_split) if spec.official_splits else []
+    isic_ids = _isic_ids_across(by_split, duplicates)
 
     errors = []
     if missing:
-        errors.append(_sentence(f"{len(missing)} label rows have no image", missing))
+        errors.append(_sentence(f"{count(len(missing), 'label row')} without {'its image' if len(missing) == 1 else 'their image'}", missing))
     if unreadable:
-        errors.append(_sentence(f"{len(unreadable)} images do not decode", [f"{b.path} ({b.error})" for b in unreadable]))
+        errors.append(_sentence(f"{count(len(unreadable), 'image')} that {'does' if len(unreadable) == 1 else 'do'} not decode", [f"{b.path} ({b.error})" for b in unreadable]))
     if empty:
         errors.append(f"the split(s) {', '.join(empty)} have no images")
     warnings = []
     if unlabelled:
-        warnings.append(_sentence(f"{len(unlabelled)} images have no label and are ignored", unlabelled))
+        warnings.append(_sentence(f"{count(len(unlabelled), 'image')} without a label, ignored", unlabelled))
     if dropped_augmented:
-        warnings.append(_sentence(f"{len(dropped_augmented)} augmented copies in evaluation splits are left out", dropped_augmented))
+        warnings.append(_sentence(f"{count(len(dropped_augmented), 'augmented copy', 'augmented copies')} in evaluation splits, left out", dropped_augmented))
     if duplicates:
         warnings.append(
-            _sentence(f"{len(duplicates)} images are identical across splits; training leaves out its copies",
+            _sentence(f"{count(len(duplicates), 'image')} identical across splits; training leaves out its copies",
                       [" = ".join(d) for d in duplicates])
         )
     if groups:
-        warnings.append(_sentence(f"{len(groups)} groups have images in more than one split", groups))
+        warnings.append(_sentence(f"{count(len(groups), 'group')} with images in more than one split", groups))
+    if isic_ids:
+        warnings.append(_sentence(
+            f"{count(len(isic_ids), 'ISIC id')} in more than one split (copies of one image, resized or re-encoded); "
+            "training leaves out its copies", isic_ids))
     return CheckReport(
         dataset=name,
         root=str(root),
@@ -101,6 +108,7 @@ def check_dataset(name: str, root: Path | str, *, seed: int = splits.DEFAULT_SEE
         augmented_in_evaluation=dropped_augmented,
         duplicates_across_splits=duplicates,
         groups_across_splits=groups,
+        isic_ids_across_splits=isic_ids,
         empty_splits=empty,
         errors=errors,
         warnings=warnings,
@@ -164,6 +172,23 @@ def _groups_across(by_split: dict[str, list[Sample]]) -> list[str]:
         for sample in samples:
             splits_of[sample.group].add(split)
     return sorted(f"{group} ({', '.join(sorted(names))})" for group, names in splits_of.items() if len(names) > 1)
+
+
+def _isic_ids_across(by_split: dict[str, list[Sample]], identical: list[list[str]]) -> list[str]:
+    """ISIC ids whose images sit in more than one split, beyond the byte-identical copies already listed."""
+    reported = {path for entries in identical for path in entries}
+    splits_of: dict[str, set[str]] = defaultdict(set)
+    paths_of: dict[str, set[str]] = defaultdict(set)
+    for split, samples in by_split.items():
+        for sample in samples:
+            found = leakage.isic_id(sample.path)
+            if found:
+                splits_of[found].add(split)
+                paths_of[found].add(f"{split}: {sample.path}")
+    return sorted(
+        f"{found} ({', '.join(sorted(names))})" for found, names in splits_of.items()
+        if len(names) > 1 and not paths_of[found] <= reported
+    )
 
 
 def _sentence(summary: str, items: list[str]) -> str:

@@ -12,6 +12,7 @@ from typing import Iterable, Optional
 
 from mvit.errors import DatasetError, PluginError
 from mvit.registry import manager
+from mvit.registry.words import count
 from mvit.registry.specs import DatasetSpec, HeadSpec, Sample
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
@@ -66,7 +67,7 @@ def load_samples(dataset: str, root: Path | str) -> list[Sample]:
     missing = [sample for sample in samples if not sample.path.is_file()]
     if missing:
         raise DatasetError(
-            f"{len(missing)} {spec.name} label rows have no image (the first: {missing[0].path}); "
+            f"{count(len(missing), spec.name + ' label row')} without an image (the first: {missing[0].path}); "
             f"run `mvit data check {spec.name} --root {root}` for the full list"
         )
     return samples

@@ -17,6 +17,7 @@ from typing import Mapping, Optional, Sequence
 from mvit.errors import ConfigError, PluginError
 from mvit.registry import manager
 from mvit.registry.records import load_samples
+from mvit.registry.words import count
 from mvit.registry.specs import DatasetSpec, Sample
 
 DEFAULT_SEED = 0
@@ -155,12 +156,15 @@ def samples_for(
 
 
 def _check_official(samples: Sequence[Sample], spec: DatasetSpec) -> None:
-    for sample in samples:
-        if sample.split not in spec.splits:
-            raise PluginError(
-                f"the {spec.name} loader gave {sample.path} the split {sample.split!r}, not one of "
-                f"{', '.join(spec.splits)}; report this to the plugin's author"
-            )
+    """A dataset with official splits puts every sample in one: the rule, with how far the loader is from it."""
+    stray = [sample for sample in samples if sample.split not in spec.splits]
+    if stray:
+        given = "no split" if stray[0].split is None else f"the split {stray[0].split!r}"
+        raise PluginError(
+            f"dataset {spec.name} declares official splits, so its loader must give every sample one of "
+            f"{', '.join(spec.splits)}; {count(len(stray), 'sample')} of {len(samples)} do not "
+            f"(the first, {stray[0].path}, has {given}); fix the loader, or set official_splits=False to let mvit split it"
+        )
 
 
 def _checked_fractions(spec: DatasetSpec, fractions: Optional[Mapping[str, float]]) -> dict[str, float]:
