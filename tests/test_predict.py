@@ -160,7 +160,7 @@ def test_auto_precision_is_bf16_only_where_it_is_fast(monkeypatch):
 
 def test_api_raises_naming_the_bad_input(model, images, tmp_path):
     bad = truncated_jpeg(tmp_path / "cut.jpg")
-    with pytest.raises(ImageError, match="cut.jpg is truncated"):
+    with pytest.raises(ImageError, match="cut.jpg is damaged or incomplete"):
         model.predict([images[0], bad], head="mel")
     with pytest.raises(ImageError, match="image 1:"):
         model.predict([np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8, 2), np.uint8)], head="mel")
@@ -173,7 +173,7 @@ def test_stream_reports_bad_files_in_place_and_predicts_the_rest(model, images, 
     results = list(predict_stream(model, files, ["mel", "three"], batch_size=2, workers=workers))
     assert [r.image for r in results] == [str(f) for f in files]  # input order, failures included
     assert [r.error is None for r in results] == [True, False, True, False, True]
-    assert "truncated" in results[1].error and "does not exist" in results[3].error
+    assert "damaged or incomplete" in results[1].error and "does not exist" in results[3].error
     good = [p for r in results for p in r.predictions]
     np.testing.assert_allclose(
         _probabilities(good, "three"), _probabilities(model.predict(images, head="three"), "three"), atol=1e-6

@@ -253,7 +253,8 @@ def test_a_frozen_backbone_gains_heads_and_keeps_the_old_ones(dermmel_root, tmp_
     before = load_file(str(first))
     reloaded = load_file(str(tmp_path / "second" / "best.safetensors"))
     for name, tensor in before.items():  # backbone and the dermmel head are untouched
-        assert torch.equal(tensor, reloaded[name]), name
+        if not name.startswith("training_images."):  # the record of training images grows with PH2's
+            assert torch.equal(tensor, reloaded[name]), name
     assert second.heads["dermmel"] == mvit.load(first).heads["dermmel"]
     assert [run["config"]["datasets"][0]["name"] for run in second.provenance["training"]] == ["dermmel", "ph2"]
     assert set(second.provenance["splits"]) == {"dermmel", "ph2"}

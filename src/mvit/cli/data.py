@@ -1,6 +1,7 @@
 """`mvit plugins` and `mvit data check|leaks`: what the registry offers and whether dataset folders are usable.
 
-These commands never import torch: they read the registry and the files only.
+These commands never import torch: they read the registry and the files only (`data leaks` with a
+model file reads its record of training images, and so imports torch).
 """
 
 from __future__ import annotations
@@ -117,27 +118,50 @@ def data_check_command(
 
 @data_app.command("leaks")
 def data_leaks_command(
-    datasets: list[str] = typer.Argument(..., help="NAME=DIR for each dataset used together"),
+    datasets: list[str] = typer.Argument(..., help="NAME=DIR for each dataset used together; a model file (.safetensors) as one more side is the same as --model"),
     output: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="table, json or csv (shared images)"),
     seed: int = typer.Option(0, help=SEED_HELP),
+    model: Path = typer.Option(None, "--model", "-m", help="a model file: also find the images of these datasets it trained on (as its file records them)"),
 ) -> None:
-    """Find images shared by datasets used together (same bytes or same ISIC id) and the training images they take out."""
+    """Find images shared by datasets used together (same bytes or same ISIC id) and the training images they take out; with a model file, the images of the datasets that model trained on."""
     import json
 
     from mvit.errors import ConfigError
-    from mvit.registry.leakage import leak_free_splits
+    from mvit.registry.leakage import Member, isic_id, leak_free_splits
 
     roots = {}
     for item in datasets:
         name, sep, folder = item.partition("=")
+        if not sep and item.endswith(".safetensors"):  # a model file as one side
+            if model is not None:
+                raise ConfigError(f"give one model file to compare with, got {model} and {item}")
+            model = Path(item)
+            continue
         if not sep or not name or not folder:
-            raise ConfigError(f"expected NAME=DIR (for example ph2=~/data/PH2Dataset), got {item!r}")
+            raise ConfigError(f"expected NAME=DIR (for example ph2=~/data/PH2Dataset) or a model file, got {item!r}")
         roots[name] = Path(folder)
-    _, report = leak_free_splits(roots, seed=seed)
+    if not roots:
+        raise ConfigError("give at least one NAME=DIR to compare with the model file")
+    record = None
+    if model is not None:
+        from mvit.infer.model_file import read_training_images
+
+        record = read_training_images(model)
+        if record is None:
+            raise ConfigError(f"{model} does not record its training images (it was written before mvit recorded "
+                              f"them), so no dataset can be compared with it")
+    cleaned, report = leak_free_splits(roots, seed=seed)
     rows = [
         [image.isic_id or "", "+".join(image.by), " ; ".join(f"{m.dataset}/{m.split}: {m.path}" for m in image.members)]
         for image in report.shared
     ]
+    trained: list[tuple[Member, tuple[str, ...]]] = []  # files of the datasets the model trained on, and how they match
+    if record is not None:
+        members = [Member(d, split, s.path) for d, per_split in cleaned.items() for split, samples in per_split.items()
+                   for s in samples] + list(report.excluded)
+        found = record.matches(m.path for m in members)
+        trained = [(m, found[m.path]) for m in members if m.path in found]
+        rows += [[isic_id(m.path) or "", "+".join(by), f"model: {model} ; {m.dataset}/{m.split}: {m.path}"] for m, by in trained]
     if output is OutputFormat.json:
         summary = {
             "shared": [
@@ -147,6 +171,11 @@ def data_leaks_command(
             ],
             "excluded_from_training": [{"dataset": m.dataset, "path": str(m.path)} for m in report.excluded],
         }
+        if record is not None:
+            summary["model"] = {
+                "path": str(model), "training_images": len(record), "complete": record.complete,
+                "trained_on": [{"dataset": m.dataset, "split": m.split, "path": str(m.path), "by": list(by)} for m, by in trained],
+            }
         typer.echo(json.dumps(summary, indent=2))
     elif output is OutputFormat.csv:
         print_csv(["isic_id", "by", "files"], rows)
@@ -159,3 +188,12 @@ def data_leaks_command(
             excluded[member.dataset] = excluded.get(member.dataset, 0) + 1
         print_table("Training images left out (leaking into an evaluation split)",
                     ["dataset", "images"], [[name, str(excluded.get(name, 0))] for name in roots])
+        if record is not None:
+            counts: dict[tuple[str, str], int] = {}
+            for member, _ in trained:
+                counts[(member.dataset, member.split)] = counts.get((member.dataset, member.split), 0) + 1
+            print_table(f"Images the model file trained on ({len(record)} recorded)", ["dataset", "split", "images"],
+                        [[name, split, str(counts.get((name, split), 0))] for name in roots for split in cleaned[name]])
+            if not record.complete:
+                say(f"warning: {model} records the training images of only some of its training runs, so more of "
+                    f"these images may have been trained on")

@@ -26,7 +26,7 @@ def evaluate_command(
     device: str = device_option(),
 ) -> None:
     """Evaluate one head on a split of its dataset, or of any dataset whose labels match its classes; write the report."""
-    from mvit.evaluate.report import ALL_IMAGES, evaluate_head, split_settings
+    from mvit.evaluate.report import ALL_IMAGES, evaluate_head, leak_sentence, split_settings
     from mvit.registry import manager
 
     check_writable(out, "--out", folder=True)
@@ -48,8 +48,9 @@ def evaluate_command(
     )
     for message in metrics["unreadable"]:
         say(f"warning: left out: {message}")
+    leaked = leak_sentence(metrics)
     for note in metrics["notes"]:
-        say(f"note: {note}")
+        say(f"{'warning' if note == leaked else 'note'}: {note}")
     shown = ["n", "accuracy", "balanced_accuracy", "roc_auc", "sensitivity", "specificity", "threshold",
              "ece_before_temperature", "ece_after_temperature", "brier"]
     rows = [[key, "n/a" if metrics[key] is None else f"{metrics[key]:.4g}"] for key in shown if key in metrics]

@@ -18,11 +18,22 @@ from mvit.evaluate.metrics import classification_metrics, expected_calibration_e
 from mvit.infer.model import Model
 from mvit.infer.predict import logits_stream
 from mvit.infer.prediction import calibrated, decide
+from mvit.registry.leakage import recorded_training_images
+
+
+def leak_sentence(metrics: dict[str, Any]) -> Optional[str]:
+    """The warning for evaluated images the model file records as its training images; None if none."""
+    leaked = metrics.get("leaked_training_images")
+    if not leaked:
+        return None
+    return (f"{leaked} of the {metrics['n']} images evaluated were training images of this model (same bytes or "
+            f"ISIC id as an image its model file records), so these scores overstate how it does on new images; "
+            f"metrics.json lists them under leaked_training_image_paths")
 
 
 def _notes(metrics: dict[str, Any], provenance: dict[str, Any]) -> list[str]:
     """A sentence for each thing that changes how the report reads: images left out, classes
-    without images, images the model may have learned from."""
+    without images, images the model learned from (or could not be checked for)."""
     from mvit.registry import manager
 
     head, dataset, split = metrics["head"], metrics["dataset"], metrics["split"]
@@ -43,6 +54,17 @@ def _notes(metrics: dict[str, Any], provenance: dict[str, Any]) -> list[str]:
             f"the model file records training on {dataset}, so {what} images the model learned from "
             f"(the backbone or some head); --split test scores held-out images only"
         )
+    record = recorded_training_images(provenance)
+    if record is None and provenance.get("training"):  # trained by mvit, before model files recorded their images
+        notes.append("this model file does not record its training images, so whether any evaluated image "
+                      "was one of them cannot be checked")
+    elif record is not None:
+        if leak_sentence(metrics):
+            notes.append(leak_sentence(metrics))
+        if not record.complete:
+            notes.append("the model file records the training images of only some of its training runs (it was "
+                          "trained from a model file that did not record its own), so the count of evaluated "
+                          "training images may be too low")
     return notes
 
 
@@ -69,7 +91,9 @@ def evaluate_head(
     Writes metrics.json (returned as a dict), predictions.csv and four PNG figures. Images that
     cannot be decoded are left out and listed under "unreadable" in metrics.json; "notes" holds a
     sentence for each thing a reader should know (labels left out, classes without images, images
-    the model may have trained on). workers: decoding processes (default: by image count and CPUs).
+    the model may have trained on). "leaked_training_images" counts the evaluated images that the
+    model file records as its training images (same bytes or ISIC id), listed in
+    "leaked_training_image_paths"; None for a model file without that record. workers: decoding processes (default: by image count and CPUs).
     """
     from mvit import plots
     from mvit.registry import manager
@@ -124,6 +148,10 @@ def evaluate_head(
         **metrics,
         "unreadable": unreadable,
     }
+    record = recorded_training_images(model.provenance)  # None: the model file does not record them
+    leaked = None if record is None else record.matches(paths[index] for index in rows)
+    metrics["leaked_training_images"] = None if leaked is None else len(leaked)
+    metrics["leaked_training_image_paths"] = [] if leaked is None else sorted(str(path) for path in leaked)
     metrics["notes"] = _notes(metrics, model.provenance)
     scores = torch.cat(ood_scores).numpy() if ood_scores else None  # (N,), with a gate
     if scores is not None:

@@ -28,11 +28,16 @@ from mvit.infer.ood import GateInfo, OODGate
 from mvit.data.transforms import Preprocessing
 from mvit.nn.vit import VisionTransformer, ViTConfig
 from mvit.errors import ModelFileError
+from mvit.registry.leakage import TrainingImages
 
 FORMAT = "mvit-model"
 FORMAT_VERSION = 1
 METADATA_KEY = "mvit"
 BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "assets" / "default.safetensors"
+# the identities of the images the model trained on (`provenance["training_images"]` in memory, a
+# summary of it in the JSON metadata): content hashes (int64) and ISIC numbers (int32), sorted
+TRAINING_IMAGES = "training_images"
+TRAINING_TENSORS = {"content": f"{TRAINING_IMAGES}.content", "isic": f"{TRAINING_IMAGES}.isic"}
 
 # first bytes of files that are pickles: torch.save's zip archive, and a bare pickle stream
 _PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
@@ -48,7 +53,7 @@ class ModelMetadata(BaseModel):
     backbone: ViTConfig
     preprocessing: Preprocessing
     heads: dict[str, HeadInfo]
-    provenance: dict[str, Any] = {}  # mvit version, creation time, training run
+    provenance: dict[str, Any] = {}  # mvit version, creation time, training runs, training images (a summary)
     # the out-of-distribution gate, its tensors stored as `ood.*`; None (and absent in older files): no gate
     ood_gate: Optional[GateInfo] = None
 
@@ -80,17 +85,22 @@ def save(model: Model, path: Union[str, Path], *, half: bool = False, provenance
     from mvit import __version__
 
     path = Path(path)
+    provenance = {
+        **model.provenance,
+        "mvit_version": __version__,
+        "torch_version": torch.__version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **(provenance or {}),
+    }
+    # the training images, if recorded, go into tensors; the metadata keeps a summary of them
+    training_images = provenance.pop(TRAINING_IMAGES, None)
+    if isinstance(training_images, TrainingImages):
+        provenance[TRAINING_IMAGES] = training_images.summary()
     metadata = ModelMetadata(
         backbone=model.backbone.config,
         preprocessing=model.preprocessing,
         heads=dict(model.heads),
-        provenance={
-            **model.provenance,
-            "mvit_version": __version__,
-            "torch_version": torch.__version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            **(provenance or {}),
-        },
+        provenance=provenance,
         ood_gate=None if model.ood_gate is None else model.ood_gate.info,
     )
     tensors = {}
@@ -99,6 +109,9 @@ def save(model: Model, path: Union[str, Path], *, half: bool = False, provenance
         tensors[name] = (tensor.half() if half and tensor.is_floating_point() else tensor).contiguous()
     if model.ood_gate is not None:
         tensors.update(model.ood_gate.tensors_to_save())  # `ood.*`: never a state_dict name
+    if isinstance(training_images, TrainingImages):
+        tensors[TRAINING_TENSORS["content"]] = torch.tensor(sorted(training_images.content), dtype=torch.int64)
+        tensors[TRAINING_TENSORS["isic"]] = torch.tensor(sorted(training_images.isic), dtype=torch.int32)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     save_file(tensors, str(partial), metadata={METADATA_KEY: metadata.model_dump_json()})
@@ -129,6 +142,9 @@ def load(path: Union[str, Path, None] = None, *, device: Union[str, torch.device
     _check_tensors(path, tensors)
     model = Model(VisionTransformer(metadata.backbone), metadata.preprocessing)
     model.provenance = dict(metadata.provenance)
+    training_images = _training_images(path, metadata, tensors)  # takes its tensors out of `tensors`
+    if training_images is not None:
+        model.provenance[TRAINING_IMAGES] = training_images
     for info in metadata.heads.values():
         model.add_head(info)
     if metadata.ood_gate is not None:
@@ -163,6 +179,14 @@ def load(path: Union[str, Path, None] = None, *, device: Union[str, torch.device
     return model.to(device).eval()
 
 
+def read_training_images(path: Union[str, Path]) -> Optional[TrainingImages]:
+    """The images the model in a file trained on, as its file records them (without reading the
+    weights); None for a file that does not record them (written before mvit recorded them)."""
+    path = Path(path)
+    contents = _read(path, tensors=True, only=f"{TRAINING_IMAGES}.")
+    return _training_images(path, _metadata(path, contents.header), contents.tensors)
+
+
 def stored_as_half(path: Union[str, Path]) -> bool:
     """Whether the model file holds its backbone as float16 (written with `save(..., half=True)`)."""
     dtypes = _read(Path(path)).dtypes
@@ -185,9 +209,10 @@ class _Contents:
     tensors: dict[str, torch.Tensor]  # empty unless asked for
 
 
-def _read(path: Path, *, tensors: bool = False) -> _Contents:
+def _read(path: Path, *, tensors: bool = False, only: Optional[str] = None) -> _Contents:
     """The one place a model file is opened. Every failure, from the filesystem or from safetensors,
-    becomes one `ModelFileError` sentence naming the file.
+    becomes one `ModelFileError` sentence naming the file. `tensors`: read them too (`only`: just
+    those whose names start with it).
 
     The file is opened as safetensors first: its first bytes are looked at only to word the error
     when that fails (a valid file's 8-byte header length may well begin like a pickle).
@@ -209,7 +234,7 @@ def _read(path: Path, *, tensors: bool = False) -> _Contents:
             header = dict(file.metadata() or {})
             names = list(file.keys())
             dtypes = {name: file.get_slice(name).get_dtype() for name in names}
-            data = {name: file.get_tensor(name) for name in names} if tensors else {}
+            data = {name: file.get_tensor(name) for name in names if only is None or name.startswith(only)} if tensors else {}
     except MemoryError:
         raise
     except Exception as error:  # safetensors reports malformed files, and some OS errors, in its own types
@@ -275,6 +300,24 @@ def _metadata(path: Path, header: dict[str, str]) -> ModelMetadata:
         return ModelMetadata.model_validate(raw)
     except ValidationError as error:
         raise ModelFileError(f"{path} has invalid mvit metadata: {_first_error(error)}") from None
+
+
+def _training_images(path: Path, metadata: ModelMetadata, tensors: dict[str, torch.Tensor]) -> Optional[TrainingImages]:
+    """The recorded training images, their tensors taken out of `tensors`; None where the file has no record."""
+    stored = {key: tensors.pop(name) for key, name in TRAINING_TENSORS.items() if name in tensors}
+    summary = metadata.provenance.get(TRAINING_IMAGES)
+    if not stored and summary is None:
+        return None
+    problem = None
+    if not isinstance(summary, dict) or set(stored) != set(TRAINING_TENSORS):
+        problem = "its metadata and tensors disagree on whether it records them"
+    elif any(t.ndim != 1 or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool for t in stored.values()):
+        problem = "they are not lists of integers"
+    elif len(stored["content"]) != summary.get("images"):
+        problem = f"the metadata counts {summary.get('images')!r} images, the tensor holds {len(stored['content'])}"
+    if problem:
+        raise ModelFileError(f"{path} has a damaged record of its training images: {problem}")
+    return TrainingImages(frozenset(stored["content"].tolist()), frozenset(stored["isic"].tolist()), bool(summary.get("complete", True)))
 
 
 def _check_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:

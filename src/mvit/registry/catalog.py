@@ -59,6 +59,9 @@ class Registry:
     warnings: list[PluginWarning] = field(default_factory=list)
     # "dataset:NAME" / "head:NAME" / "plugin:NAME" -> why it is installed but not offered
     skipped: dict[str, str] = field(default_factory=dict)
+    # dataset -> {head: why}: heads registered for a dataset but skipped, so that a run on the dataset
+    # is not silently missing them
+    lost: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def get_dataset(self, name: str) -> DatasetSpec:
         if name not in self.datasets:
@@ -87,6 +90,10 @@ class Registry:
 
     def heads_of(self, dataset: str) -> list[HeadSpec]:
         return [head for head in self.heads.values() if head.dataset == dataset]
+
+    def lost_heads(self, dataset: str) -> dict[str, str]:
+        """The heads a plugin registered for `dataset` that loading skipped: head name -> why."""
+        return dict(self.lost.get(dataset, {}))
 
     def plugin_of(self, kind: str, name: str) -> PluginInfo:
         """The plugin that registered dataset or head `name` (`kind` is "dataset" or "head")."""

@@ -207,6 +207,7 @@ def _collect(pm: pluggy.PluginManager, infos: dict[str, PluginInfo], warnings: l
             info = registry.provider.pop(f"head:{name}")
             del registry.heads[name]
             skipped[f"head:{name}"] = problem
+            registry.lost.setdefault(head.dataset, {})[name] = f"{problem} (plugin {info.name!r})"
             _skip(warnings, info.name, info.distribution, problem, skipped=f"head {name!r}")
     for warning in warnings:
         if warning.skipped == "plugin":

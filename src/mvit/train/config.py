@@ -13,10 +13,14 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from mvit.infer import ood
+from mvit.infer import model_file, ood
 from mvit.data.transforms import Augmentation, Preprocessing
-from mvit.errors import ConfigError
+from mvit.errors import ConfigError, MvitError
 from mvit.nn.precision import Precision
+
+
+BUNDLED = "bundled"  # backbone.init: the model file that comes with mvit (mvit.load())
+NAMED_INITS = ("random", "timm", BUNDLED)  # every other value of backbone.init is a path
 
 
 class _Strict(BaseModel):
@@ -35,7 +39,8 @@ class DatasetConfig(_Strict):
 
 class BackboneConfig(_Strict):
     name: str = "deit_small_patch16_224"
-    # "random", "timm" (pretrained DeiT through timm), or a path: a timm/DeiT checkpoint or an mvit model
+    # "random", "timm" (pretrained DeiT through timm), "bundled" (the model that comes with mvit), or a
+    # path: a timm/DeiT checkpoint or an mvit model
     init: str = "timm"
     image_size: Optional[int] = None  # default: the named configuration's
     patch_size: Optional[int] = None
@@ -133,6 +138,9 @@ class TrainConfig(_Strict):
         names = [d.name for d in self.datasets]
         if len(set(names)) != len(names):
             raise ValueError(f"a dataset is listed twice: {names}")
+        if self.backbone.image_size is not None and "image_size" not in self.preprocessing.model_fields_set:
+            # one image size for both, said once: the backbone's (an init model's may still fill the rest)
+            self.preprocessing = self.preprocessing.model_copy(update={"image_size": self.backbone.image_size})
         if self.backbone.image_size is not None and self.backbone.image_size != self.preprocessing.image_size:
             raise ValueError(
                 f"backbone.image_size {self.backbone.image_size} differs from preprocessing.image_size "
@@ -169,7 +177,7 @@ def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None) -
     if "output" in raw:
         raw["output"] = anchored(raw["output"])
     backbone = raw.get("backbone")
-    if isinstance(backbone, dict) and backbone.get("init") not in (None, "random", "timm"):
+    if isinstance(backbone, dict) and backbone.get("init") not in (None, *NAMED_INITS):
         backbone["init"] = anchored(backbone["init"])
     training = raw.get("training")
     if isinstance(training, dict) and training.get("feature_cache"):
@@ -181,7 +189,7 @@ def validate_config(raw: dict, source: str = "the config", overridden: Optional[
     """`overridden`: dotted key (split) -> the `--set` item that set it, so an error in a value given
     on the command line is attributed to that option, not to the config file."""
     try:
-        return TrainConfig.model_validate(raw)
+        config = TrainConfig.model_validate(raw)
     except ValidationError as error:
         first = error.errors()[0]
         loc = tuple(str(part) for part in first["loc"])
@@ -190,6 +198,39 @@ def validate_config(raw: dict, source: str = "the config", overridden: Optional[
             if key and loc and (loc[: len(key)] == key or key[: len(loc)] == loc):  # the value set, or a field within it
                 raise ConfigError(f"--set {item}: {where}: {first['msg']}") from None
         raise ConfigError(f"{source}: {where}: {first['msg']}") from None
+    return _with_init_preprocessing(config)
+
+
+def init_model_file(init: str) -> Optional[Path]:
+    """The mvit model file `backbone.init` names ("bundled": the one that comes with mvit), or None
+    where it names no mvit model (random, timm, a DeiT checkpoint, a missing file)."""
+    if init == BUNDLED:
+        try:
+            return model_file.bundled_model_path()
+        except MvitError:
+            raise ConfigError(f'backbone.init = "{BUNDLED}", but this installation of mvit has no bundled model; '
+                              f"set backbone.init to a model file") from None
+    path = Path(init)
+    if init in NAMED_INITS or path.suffix != ".safetensors" or not path.is_file():
+        return None
+    try:
+        model_file.read_metadata(path)
+    except MvitError:
+        return None  # not an mvit model file (a DeiT checkpoint in safetensors, say)
+    return path
+
+
+def _with_init_preprocessing(config: TrainConfig) -> TrainConfig:
+    """An mvit init model's preprocessing for every `[preprocessing]` field the config leaves unset:
+    the backbone learned from images prepared that way (the bundled model: 128 px)."""
+    path = init_model_file(config.backbone.init)
+    explicit = config.preprocessing.model_fields_set
+    if path is None or explicit >= set(Preprocessing.model_fields):
+        return config
+    inherited = model_file.read_metadata(path).preprocessing.model_dump()
+    values = {**inherited, **{name: getattr(config.preprocessing, name) for name in explicit}}
+    config.preprocessing = Preprocessing(**values)  # what differs from the init model's, model_setup warns about
+    return config
 
 
 def _apply_override(raw: dict, item: str) -> None:

@@ -1,21 +1,23 @@
-"""The model a run starts from: a backbone (random, timm's DeiT, a DeiT checkpoint or an earlier
-mvit model) and one head per trained head name, keeping an earlier model's heads where still valid."""
+"""The model a run starts from: a backbone (random, timm's DeiT, a DeiT checkpoint, the bundled
+model or an earlier mvit model) and one head per trained head name, keeping an earlier model's
+heads where still valid."""
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
-from mvit.errors import ConfigError, MvitError
+from mvit.errors import ConfigError
 from mvit.infer import model_file
 from mvit.infer.model import Model
 from mvit.nn.heads import HeadInfo
-from mvit.nn.vit import VisionTransformer, named_config
+from mvit.nn.vit import VisionTransformer, named_config, resample_position_embedding
 from mvit.nn.weights import create_backbone
 from mvit.registry import manager
-from mvit.train.config import BackboneConfig, TrainConfig
+from mvit.train.config import BUNDLED, BackboneConfig, TrainConfig, init_model_file
 from mvit.train.run_folder import UNCALIBRATED
 from mvit.train.tasks import Task
 
@@ -26,24 +28,34 @@ def build_model(config: TrainConfig, tasks: list[Task], warn: Callable[[str], No
     init, b = config.backbone.init, config.backbone
     overrides = {**b.overrides(), "image_size": config.preprocessing.image_size}
     previous: Optional[Model] = None
+    init_file = init_model_file(init)
     if init == "random":
         warn("the backbone starts from RANDOM weights: expect far lower accuracy than from pretrained DeiT weights")
         backbone = create_backbone(b.name, None, **overrides)
-    elif init != "timm" and _is_mvit_model(Path(init)):
-        previous = model_file.load(init)
+    elif init_file is not None:
+        previous = model_file.load(init_file)
+        init = "the bundled model" if init == BUNDLED else init  # as the messages below name it
         backbone = _continued_backbone(previous.backbone, b, init, warn)
-        if backbone.config.image_size != config.preprocessing.image_size:
-            raise ConfigError(f"{init} was trained at {backbone.config.image_size} px; set preprocessing.image_size to it")
-        changed = {k: v for k, v in config.preprocessing.model_dump().items() if v != previous.preprocessing.model_dump()[k]}
+        trained_at, size = backbone.config.image_size, config.preprocessing.image_size
+        if size != trained_at:  # set explicitly: an unset image_size is the init model's (config.py)
+            backbone = _resized_backbone(backbone, size, init)
+            warn(f"the backbone of {init} was trained at {trained_at} px and this run feeds it {size} px images "
+                 f"(preprocessing.image_size; its position embedding is resampled); remove preprocessing.image_size "
+                 f"to train at {trained_at} px")
+        changed = {k: v for k, v in config.preprocessing.model_dump().items()
+                   if k != "image_size" and v != previous.preprocessing.model_dump()[k]}
         if changed:
             warn(f"the preprocessing differs from that of {init} ({', '.join(f'{k} = {v}' for k, v in changed.items())}); "
                  f"its backbone{' (frozen here)' if config.unfreeze.mode == 'none' else ''} learned from differently prepared images")
     else:
+        if init != "timm" and not Path(init).exists():
+            raise ConfigError(f"backbone.init {init}: no such file{_did_you_mean_bundled(init)}")
         backbone = create_backbone(b.name, init, **overrides)
     model = Model(backbone, config.preprocessing)
     if previous is not None:
         model.provenance = dict(previous.provenance)
-        if config.unfreeze.mode == "none":  # a frozen backbone leaves the gate's features unchanged
+        if config.unfreeze.mode == "none" and backbone.config.image_size == previous.backbone.config.image_size:
+            # a frozen backbone, fed images of its own size, leaves the gate's features unchanged
             model.ood_gate = previous.ood_gate
     trained_here = {name for task in tasks for name in task.heads}
     for name, info in (previous.heads.items() if previous else []):
@@ -67,7 +79,8 @@ def _continued_backbone(backbone: VisionTransformer, b: BackboneConfig, init: st
     attention_dropout, drop_path); the architecture is the model's, and a config that sets another
     one is refused rather than silently ignored."""
     explicit = b.model_fields_set
-    shape = {k: getattr(b, k) for k in ("patch_size", "width", "depth", "num_heads", "image_size") if k in explicit}
+    # (an image size is preprocessing.image_size, which backbone.image_size must equal: build_model)
+    shape = {k: getattr(b, k) for k in ("patch_size", "width", "depth", "num_heads") if k in explicit}
     differing = {k: v for k, v in shape.items() if v is not None and v != getattr(backbone.config, k)}
     if differing:
         have = ", ".join(f"{k} = {getattr(backbone.config, k)}" for k in differing)
@@ -83,11 +96,25 @@ def _continued_backbone(backbone: VisionTransformer, b: BackboneConfig, init: st
     return continued
 
 
-def _is_mvit_model(path: Path) -> bool:
-    if path.suffix != ".safetensors" or not path.is_file():
-        return False
-    try:
-        model_file.read_metadata(path)
-        return True
-    except MvitError:
-        return False
+def _resized_backbone(backbone: VisionTransformer, size: int, init: str) -> VisionTransformer:
+    """The backbone for `size` px images: its weights, the position embedding resampled to the new
+    patch grid (as DeiT does when fine-tuning at 384 px). A size that is no multiple of the patch is refused."""
+    patch = backbone.config.patch_size
+    if size % patch:
+        raise ConfigError(f"preprocessing.image_size {size} does not fit the backbone of {init}, whose {patch} px "
+                          f"patches need a multiple of {patch}; remove preprocessing.image_size to use its "
+                          f"{backbone.config.image_size} px")
+    resized = VisionTransformer(named_config(backbone.config, image_size=size))
+    state = dict(backbone.state_dict())
+    grid = resized.config.grid_size
+    state["position_embedding"] = resample_position_embedding(state["position_embedding"], (grid, grid))
+    resized.load_state_dict(state)
+    return resized
+
+
+def _did_you_mean_bundled(init: str) -> str:
+    """A hint for an init that reads like a name for the model that comes with mvit."""
+    stem = Path(init).stem.lower()
+    if difflib.get_close_matches(stem, ("bundled", "default", "builtin", "bundle"), n=1, cutoff=0.75):
+        return f'; did you mean init = "{BUNDLED}"? (the model that comes with mvit)'
+    return ""

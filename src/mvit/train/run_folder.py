@@ -23,6 +23,7 @@ import torch
 from mvit.errors import ConfigError, ModelFileError, MvitError
 from mvit.infer import model_file
 from mvit.infer.model import Model
+from mvit.registry.leakage import TrainingImages, recorded_training_images
 from mvit.train.config import TrainConfig, validate_config
 
 STATE_FILE = "state.pt"
@@ -217,17 +218,34 @@ def save_model(model: Model, path: Path, heads: dict, provenance: dict) -> None:
     model_file.save(model, path, provenance=provenance)
 
 
-def provenance(model: Model, config: TrainConfig, epoch: int, best_epoch: int, weights: str) -> dict:
-    """Each training run this model went through, and the splits of every dataset it has seen
-    (so `mvit evaluate` tests on the same images that training held out)."""
+def provenance(model: Model, config: TrainConfig, epoch: int, best_epoch: int, weights: str,
+               training_images: TrainingImages | None = None, counts: dict[str, int] | None = None) -> dict:
+    """Each training run this model went through, the splits of every dataset it has seen (so
+    `mvit evaluate` tests on the same images that training held out) and, with `training_images`,
+    the identities of every image it trained on, over all its runs (`counts`: this run's, per dataset)."""
     earlier = model.provenance
     splits = {d.name: {"seed": d.split_seed, "fold": d.fold, "folds": d.folds, "fractions": d.fractions}
               for d in config.datasets}
     run = {"config": config.model_dump(mode="json"), "epoch": epoch + 1, "best_epoch": best_epoch + 1,
            "weights": weights,  # trained, or their exponential moving average
            "backbone": model.backbone.config.model_dump()}  # what was trained, whatever the config named
+    if counts is not None:
+        run["training_images"] = dict(counts)
     return {
         "epoch": epoch + 1,
         "training": [*earlier.get("training", []), run],
         "splits": {**earlier.get("splits", {}), **splits},
+        **({"training_images": training_images} if training_images is not None else {}),
     }
+
+
+def training_images(model: Model, paths_by_dataset: dict[str, list[Path]]) -> tuple[TrainingImages, dict[str, int]]:
+    """The identities of every image `model` will have trained on after this run: the run's own
+    (`paths_by_dataset`: each dataset's training images) and those its init model records; and this
+    run's count per dataset. An init model trained without a record makes the result incomplete."""
+    own = TrainingImages.of([path for paths in paths_by_dataset.values() for path in paths])
+    earlier = recorded_training_images(model.provenance)
+    if earlier is None and model.provenance.get("training"):  # an mvit model file from before the record
+        own = TrainingImages(own.content, own.isic, complete=False)
+    counts = {dataset: len(set(paths)) for dataset, paths in paths_by_dataset.items()}
+    return own.union(earlier), counts

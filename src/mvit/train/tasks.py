@@ -6,6 +6,7 @@ training split); a run uses two of them, by role: TRAIN and VALID (`registry.spl
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -14,7 +15,7 @@ import torch
 from torch import Tensor
 
 from mvit.data.mixing import IGNORE
-from mvit.errors import ConfigError, DatasetError
+from mvit.errors import ConfigError, DatasetError, PluginError
 from mvit.registry import leakage, manager, splits
 from mvit.registry.records import class_indices
 from mvit.registry.specs import Sample
@@ -46,6 +47,7 @@ class Task:
 
 def build_tasks(config: TrainConfig, say: Callable[[str], None]) -> list[Task]:
     """Load and split every dataset, and keep images shared between datasets out of training."""
+    check_heads(config, say)  # before any dataset is read
     per_dataset, heads, roles = {}, {}, {}
     for i, entry in enumerate(config.datasets):
         spec = manager.get_dataset(entry.name)
@@ -64,9 +66,6 @@ def build_tasks(config: TrainConfig, say: Callable[[str], None]) -> list[Task]:
                 f"{error} (this root is datasets.{i}.root in the config; change it there or with --set datasets.{i}.root=DIR)"
             ) from None
         offered = [head.name for head in manager.registry().heads_of(entry.name)]
-        for name in entry.heads:
-            if manager.get_head(name).dataset != entry.name:
-                raise ConfigError(f"head {name!r} belongs to dataset {manager.get_head(name).dataset!r}, not {entry.name!r}")
         heads[entry.name] = entry.heads or offered
     cleaned, report = leakage.exclude_shared(per_dataset, training={name: r[TRAIN] for name, r in roles.items()})
     if report.excluded:
@@ -87,6 +86,32 @@ def build_tasks(config: TrainConfig, say: Callable[[str], None]) -> list[Task]:
                 raise ConfigError(f"dataset {entry.name} has no images in its {split} split; check its root and split settings")
         tasks.append(Task(entry.name, heads[entry.name], kept, targets, roles[entry.name]))
     return tasks
+
+
+def check_heads(config: TrainConfig, say: Callable[[str], None]) -> None:
+    """Every dataset trains the heads it should: a head its plugin registered but loading skipped (a
+    label_map typo, say) stops the run, unless the config lists the heads to train without it."""
+    registry = manager.registry()
+    for i, entry in enumerate(config.datasets):
+        manager.get_dataset(entry.name)  # an unknown or skipped dataset: one sentence saying which and why
+        lost = registry.lost_heads(entry.name)
+        for name in entry.heads:
+            if name in lost:
+                raise PluginError(f"datasets.{i}.heads asks for head {name!r}, which is installed but skipped: "
+                                  f"{lost[name]}; fix the plugin, or take {name!r} out of datasets.{i}.heads")
+            if manager.get_head(name).dataset != entry.name:
+                raise ConfigError(f"head {name!r} belongs to dataset {manager.get_head(name).dataset!r}, not {entry.name!r}")
+        if lost and not entry.heads:
+            what = ", and ".join(f"head {name!r}, as {reason}" for name, reason in sorted(lost.items()))
+            usable = [head.name for head in registry.heads_of(entry.name)]
+            example = f" (e.g. heads = {json.dumps(usable)})" if usable else ""
+            raise PluginError(
+                f"dataset {entry.name!r} lost {'a head' if len(lost) == 1 else f'{len(lost)} heads'} to a plugin "
+                f"problem, which this run would leave out: {what}; fix the plugin, or list the heads to train "
+                f"in datasets.{i}.heads{example}")
+        for name, reason in sorted(lost.items()):
+            if entry.heads:
+                say(f"warning: head {name!r} of dataset {entry.name!r} is left out of this run: {reason}")
 
 
 def check_validation(tasks: list[Task]) -> None:

@@ -30,6 +30,7 @@ from mvit.data.mixing import IGNORE, Mix, mix_images, mixing_active, soft_target
 from mvit.data.transforms import eval_transform
 from mvit.errors import ConfigError, TrainingDiverged
 from mvit.infer import model_file
+from mvit.registry.leakage import recorded_training_images
 from mvit.nn.precision import autocast, autocast_dtype, resolve_device
 from mvit.progress import progress_bar
 from mvit.train.averaging import averaged_weights, make_ema
@@ -40,8 +41,8 @@ from mvit.train.distributed import Processes, step_module
 from mvit.train.epoch_metrics import HeadStats, epoch_line, epoch_record
 from mvit.train.model_setup import build_model
 from mvit.train.optim import apply_unfreezing, make_optimizer, make_schedule, unfreeze_order, unfrozen_groups
-from mvit.train.run_folder import STATE_FILE, RunFolder, open_run, provenance
-from mvit.train.tasks import VALID, Task, build_tasks, check_validation
+from mvit.train.run_folder import STATE_FILE, RunFolder, open_run, provenance, training_images
+from mvit.train.tasks import TRAIN, VALID, Task, build_tasks, check_validation
 
 
 def train(config: TrainConfig, *, resume: bool = False, console=None) -> Path:
@@ -72,6 +73,11 @@ class Trainer:
         if resume and self.processes.main:
             self.folder.check_writable()
         self.model = build_model(config, self.tasks, self.warn).to(self.device)
+        self._check_init_leaks()
+        # every model file of the run records the images trained on (hashed once: leakage exclusion
+        # in build_tasks has already read each file, and content_hash remembers)
+        self.trained_on, self.trained_counts = training_images(
+            self.model, {task.dataset: task.paths(TRAIN) for task in self.tasks})
         self.order = unfreeze_order(self.model, config)
         self.optimizer = make_optimizer(self.model, config)
         self.ema = make_ema(self.model, config.training.ema_decay)
@@ -99,6 +105,26 @@ class Trainer:
     def warn(self, message: str) -> None:
         if int(os.environ.get("RANK", "0")) == 0:
             self.console.print(f"warning: {message}", highlight=False, markup=False)
+
+    def _check_init_leaks(self) -> None:
+        """A warning per dataset split whose evaluation images the init model trained on: the run's
+        validation (model selection, calibration) and test scores there would overstate the model."""
+        earlier = recorded_training_images(self.model.provenance)
+        init = self.config.backbone.init
+        if earlier is None:
+            if self.model.provenance.get("training"):
+                self.warn(f"the init model {init} does not record its training images, so whether this run's "
+                          f"validation and test images were among them cannot be checked")
+            return
+        for task in self.tasks:
+            for split, samples in task.splits.items():
+                if split == task.roles[TRAIN] or not samples:
+                    continue
+                found = earlier.matches(sample.path for sample in samples)
+                if found:
+                    self.warn(f"{len(found)} of the {len(samples)} images of the {split} split of dataset {task.dataset} "
+                              f"were training images of the init model {init} (same bytes or ISIC id), so scores "
+                              f"on that split overstate the model")
 
     # ---- the whole run
 
@@ -269,7 +295,7 @@ class Trainer:
         self.folder.save_model(self.model, path, heads, self._provenance(epoch, weights))
 
     def _provenance(self, epoch: int, weights: str) -> dict:
-        return provenance(self.model, self.config, epoch, self.best_epoch, weights)
+        return provenance(self.model, self.config, epoch, self.best_epoch, weights, self.trained_on, self.trained_counts)
 
     # ---- training state, for --resume
 
