@@ -36,7 +36,7 @@ from mvit.progress import progress_bar
 from mvit.train.averaging import averaged_weights, make_ema
 from mvit.train.batches import SplitFeatures, decoding_workers, epoch_steps, image_batches, training_batches
 from mvit.train.calibration import calibrate_heads, run_gate
-from mvit.train.config import TrainConfig
+from mvit.train.config import BUNDLED, TrainConfig
 from mvit.train.distributed import Processes, step_module
 from mvit.train.epoch_metrics import HeadStats, epoch_line, epoch_record
 from mvit.train.model_setup import build_model
@@ -110,10 +110,10 @@ class Trainer:
         """A warning per dataset split whose evaluation images the init model trained on: the run's
         validation (model selection, calibration) and test scores there would overstate the model."""
         earlier = recorded_training_images(self.model.provenance)
-        init = self.config.backbone.init
+        init = "the bundled model" if self.config.backbone.init == BUNDLED else f"the init model {self.config.backbone.init}"
         if earlier is None:
             if self.model.provenance.get("training"):
-                self.warn(f"the init model {init} does not record its training images, so whether this run's "
+                self.warn(f"{init} does not record its training images, so whether this run's "
                           f"validation and test images were among them cannot be checked")
             return
         for task in self.tasks:
@@ -123,7 +123,7 @@ class Trainer:
                 found = earlier.matches(sample.path for sample in samples)
                 if found:
                     self.warn(f"{len(found)} of the {len(samples)} images of the {split} split of dataset {task.dataset} "
-                              f"were training images of the init model {init} (same bytes or ISIC id), so scores "
+                              f"were training images of {init} (same bytes or ISIC id), so scores "
                               f"on that split overstate the model")
 
     # ---- the whole run
