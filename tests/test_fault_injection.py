@@ -26,49 +26,14 @@ import torch
 from safetensors.torch import load_file
 
 import mvit
-from training_data import make_learnable_dermmel
+from training_data import make_learnable_dermmel, merged, write_tiny_config
 
 pytestmark = pytest.mark.slow
 
-CONFIG = """
-output = "run"
-
-[[datasets]]
-name = "dermmel"
-root = "{root}"
-
-[backbone]
-name = "deit_tiny_patch16_224"
-init = "random"
-patch_size = 8
-width = 32
-depth = 2
-num_heads = 2
-drop_path = 0.0
-
-[preprocessing]
-image_size = 32
-crop_fraction = 1.0
-
-[unfreeze]
-mode = "gradual"
-frozen_epochs = 1
-
-[augmentation]
-enabled = false
-
-[optimizer]
-warmup_epochs = 0
-
-[training]
-epochs = 3
-batch_size = 8
-workers = 0
-device = "cpu"
-early_stopping = 100
-ema_decay = 0.9
-best_metric = "loss"
-"""
+SETTINGS = dict(  # the tiny run that is killed and resumed
+    backbone={"drop_path": 0.0}, unfreeze={"mode": "gradual", "frozen_epochs": 1}, augmentation={"enabled": False},
+    optimizer={"warmup_epochs": 0}, training={"epochs": 3, "early_stopping": 100, "ema_decay": 0.9, "best_metric": "loss"},
+)
 
 SEED = 11  # the kill points are random, but the same on every run of the test
 
@@ -144,12 +109,11 @@ def check_nothing_silently_wrong(run: Path, epochs: int, finished_before: list[d
 
 def test_train_killed_at_random_points_resumes_to_the_uninterrupted_result(tmp_path):
     root = make_learnable_dermmel(tmp_path / "data", per_class_train=8, per_class_eval=4)
-    config = tmp_path / "config.toml"
-    config.write_text(CONFIG.format(root=root))
+    config = write_tiny_config(tmp_path / "config.toml", root, **SETTINGS)
     # fine-tuning a calibrated model: its operating point must not leak into this run's files
     run_to_the_end("train", str(config), "--output", str(tmp_path / "init"), "--epochs", "1")
     assert mvit.load(tmp_path / "init" / "best.safetensors").heads["dermmel"].threshold is not None
-    config.write_text(CONFIG.format(root=root).replace('init = "random"', f'init = "{tmp_path / "init" / "best.safetensors"}"'))
+    write_tiny_config(config, root, **merged(SETTINGS, {"backbone": {"init": str(tmp_path / "init" / "best.safetensors")}}))
     straight, run = tmp_path / "straight", tmp_path / "run"
     run_to_the_end("train", str(config), "--output", str(straight))
 
@@ -196,8 +160,7 @@ def cache_contents(path: Path) -> dict[str, np.ndarray]:
 def test_extract_killed_at_random_points_then_rerun_caches_every_image_once(tmp_path):
     # more than one committed chunk of 256 images, so a kill can fall between commits
     root = make_learnable_dermmel(tmp_path / "data", per_class_train=90, per_class_eval=40)
-    config = tmp_path / "config.toml"
-    config.write_text(CONFIG.format(root=root))
+    config = write_tiny_config(tmp_path / "config.toml", root, **SETTINGS)
     reference, cache = tmp_path / "straight.h5", tmp_path / "cache.h5"
     run_to_the_end("extract", str(config), "--cache", str(reference))
     expected = cache_contents(reference)

@@ -15,10 +15,7 @@ from mvit.train.tasks import build_tasks
 from mvit.train.config import load_config, validate_config
 from mvit.data.sampling import balanced_batches, batches_per_dataset, interleave
 from mvit.errors import ConfigError
-from training_data import make_learnable_dermmel, make_learnable_ph2
-
-TINY_BACKBONE = {"name": "deit_tiny_patch16_224", "init": "random", "patch_size": 8, "width": 32, "depth": 2,
-                 "num_heads": 2, "drop_path": 0.0}
+from training_data import interrupted_run, make_learnable_dermmel, make_learnable_ph2, tiny_run_config
 
 
 @pytest.fixture(scope="module")
@@ -27,19 +24,8 @@ def dermmel_root(tmp_path_factory):
 
 
 def tiny_config(root, output, **sections):
-    raw = {
-        "output": str(output),
-        "datasets": [{"name": "dermmel", "root": str(root)}],
-        "backbone": dict(TINY_BACKBONE),
-        "preprocessing": {"image_size": 32, "crop_fraction": 1.0},
-        "augmentation": {"crop_scale": [0.8, 1.0], "color_jitter": 0.0, "hue_jitter": 0.0},
-        "optimizer": {"head_lr": 3e-3, "backbone_lr": 3e-3, "layer_decay": 1.0, "warmup_epochs": 0},
-        "unfreeze": {"mode": "all"},
-        "training": {"epochs": 4, "batch_size": 8, "workers": 0, "device": "cpu", "early_stopping": None},
-    }
-    for section, values in sections.items():
-        raw[section] = {**raw.get(section, {}), **values} if isinstance(values, dict) else values
-    return validate_config(raw)
+    augmentation = {"crop_scale": [0.8, 1.0], "color_jitter": 0.0, "hue_jitter": 0.0}
+    return tiny_run_config(root, output, {"augmentation": augmentation, "training": {"epochs": 4}}, sections)
 
 
 def metrics(run):
@@ -115,27 +101,11 @@ def test_datasets_are_interleaved_without_starving_the_small_one():
     assert abs(first_half.count(1) - counts[1] / 2) <= 1
 
 
-def train_interrupted_then_resume(config, stop_epoch: int, monkeypatch) -> None:
-    """Train `config` until epoch `stop_epoch` (0-based) starts, as a Ctrl-C would stop it, then resume."""
-    real_epoch = training.Trainer._train_epoch
-
-    def stop(self, epoch, *args):
-        if epoch == stop_epoch:
-            raise KeyboardInterrupt
-        return real_epoch(self, epoch, *args)
-
-    monkeypatch.setattr(training.Trainer, "_train_epoch", stop)
-    with pytest.raises(KeyboardInterrupt):
-        training.train(config)
-    monkeypatch.setattr(training.Trainer, "_train_epoch", real_epoch)
-    training.resume(config.output)
-
-
 def test_resume_gives_the_same_result_as_an_uninterrupted_run(dermmel_root, tmp_path, monkeypatch):
     sections = dict(unfreeze={"mode": "gradual", "frozen_epochs": 1}, training={"epochs": 3})
     training.train(tiny_config(dermmel_root, tmp_path / "straight", **sections))
     interrupted = tmp_path / "interrupted"
-    train_interrupted_then_resume(tiny_config(dermmel_root, interrupted, **sections), 2, monkeypatch)
+    training.resume(interrupted_run(tiny_config(dermmel_root, interrupted, **sections), 2, monkeypatch))
 
     straight, resumed = load_file(str(tmp_path / "straight" / "last.safetensors")), load_file(str(interrupted / "last.safetensors"))
     assert straight.keys() == resumed.keys()

@@ -18,49 +18,15 @@ from safetensors.torch import load_file
 import mvit
 from clirun import call_mvit, run_mvit
 from mvit.train import trainer as training
-from training_data import make_learnable_dermmel
-
-CONFIG = """
-output = "run"
-
-[[datasets]]
-name = "dermmel"
-root = "{root}"
-
-[backbone]
-name = "deit_tiny_patch16_224"
-init = "random"
-patch_size = 8
-width = 32
-depth = 2
-num_heads = 2
-
-[preprocessing]
-image_size = 32
-crop_fraction = 1.0
-
-[unfreeze]
-mode = "gradual"
-frozen_epochs = 1
-
-[augmentation]
-enabled = false
-
-[training]
-epochs = 2
-batch_size = 8
-workers = 0
-device = "cpu"
-"""
+from training_data import make_learnable_dermmel, write_tiny_config
 
 
 @pytest.fixture(scope="module")
 def config_file(tmp_path_factory):
     folder = tmp_path_factory.mktemp("cli")
     root = make_learnable_dermmel(folder / "data", per_class_train=12, per_class_eval=4)
-    path = folder / "config.toml"
-    path.write_text(CONFIG.format(root=root))
-    return path
+    return write_tiny_config(folder / "config.toml", root, unfreeze={"mode": "gradual", "frozen_epochs": 1},
+                             augmentation={"enabled": False}, training={"epochs": 2})
 
 
 def test_train_command_writes_a_run(config_file, tmp_path, capsys, monkeypatch):

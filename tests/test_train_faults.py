@@ -25,44 +25,8 @@ from datasets_factory import truncate
 from mvit.errors import ConfigError, MvitError
 from mvit.registry import DatasetSpec, HeadSpec, Sample, hookimpl, leakage, manager
 from mvit.train import trainer as training
-from mvit.train.config import load_config, validate_config
-from training_data import make_learnable_dermmel, paint
-
-TINY_BACKBONE = {"name": "deit_tiny_patch16_224", "init": "random", "patch_size": 8, "width": 32, "depth": 2,
-                 "num_heads": 2, "drop_path": 0.0}
-
-CONFIG = """
-output = "run"
-
-[[datasets]]
-name = "dermmel"
-root = "{root}"
-
-[backbone]
-name = "deit_tiny_patch16_224"
-init = "random"
-patch_size = 8
-width = 32
-depth = 2
-num_heads = 2
-
-[preprocessing]
-image_size = 32
-crop_fraction = 1.0
-
-[unfreeze]
-mode = "{mode}"
-
-[augmentation]
-enabled = false
-
-[training]
-epochs = {epochs}
-batch_size = 8
-workers = {workers}
-device = "cpu"
-early_stopping = 100
-"""
+from mvit.train.config import load_config
+from training_data import interrupted_run, make_learnable_dermmel, paint, tiny_run_config, write_tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -71,25 +35,12 @@ def dermmel_root(tmp_path_factory):
 
 
 def tiny_config(root, output, **sections):
-    raw = {
-        "output": str(output),
-        "datasets": [{"name": "dermmel", "root": str(root)}],
-        "backbone": dict(TINY_BACKBONE),
-        "preprocessing": {"image_size": 32, "crop_fraction": 1.0},
-        "augmentation": {"enabled": False},
-        "optimizer": {"head_lr": 3e-3, "backbone_lr": 3e-3, "layer_decay": 1.0, "warmup_epochs": 0},
-        "unfreeze": {"mode": "all"},
-        "training": {"epochs": 3, "batch_size": 8, "workers": 0, "device": "cpu", "early_stopping": None},
-    }
-    for section, values in sections.items():
-        raw[section] = {**raw.get(section, {}), **values} if isinstance(values, dict) else values
-    return validate_config(raw)
+    return tiny_run_config(root, output, {"augmentation": {"enabled": False}, "training": {"epochs": 3}}, sections)
 
 
 def config_file(folder: Path, root: Path, *, mode: str = "all", epochs: int = 2, workers: int = 0) -> Path:
-    path = folder / "config.toml"
-    path.write_text(CONFIG.format(root=root, mode=mode, epochs=epochs, workers=workers))
-    return path
+    return write_tiny_config(folder / "config.toml", root, unfreeze={"mode": mode}, augmentation={"enabled": False},
+                             training={"epochs": epochs, "workers": workers, "early_stopping": 100})
 
 
 def metrics(run: Path) -> list[dict]:
@@ -108,22 +59,6 @@ def one_sentence(result) -> str:
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, result.stderr
     return " ".join(result.stderr.split())
-
-
-def interrupted_run(config, stop_epoch: int, monkeypatch) -> Path:
-    """Train `config` until epoch `stop_epoch` (0-based) starts, as a Ctrl-C would stop it."""
-    real_epoch = training.Trainer._train_epoch
-
-    def stop(self, epoch, *args):
-        if epoch == stop_epoch:
-            raise KeyboardInterrupt
-        return real_epoch(self, epoch, *args)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(training.Trainer, "_train_epoch", stop)
-        with pytest.raises(KeyboardInterrupt):
-            training.train(config)
-    return Path(config.output)
 
 
 @pytest.fixture(scope="module")
