@@ -10,11 +10,16 @@ the installed plugins declare, and measures images/s for:
   calibrated Prediction objects): the loop `mvit predict` runs, without process start-up;
 - the same with every head, and with `--precision bf16` on a subset;
 - the heads alone on pooled features, which bounds what every head costs over one without the
-  noise of decoding.
+  noise of decoding;
+- `--precision int8` against fp32 end to end (`--int8-images` real JPEGs from --data, the bundled
+  model, every head, its gate, the bench's batch size), alternating, best of `--int8-repeats`; and the
+  one-time cost of making the int8 copy of the backbone.
 
-Ends with `ratio: <end-to-end images/s / bare forward images/s>` (one head, `--precision auto`).
+Ends with `ratio: <end-to-end images/s / bare forward images/s>` (one head, `--precision auto`); with
+`--int8-only` (the int8 rows alone) with `ratio: <int8 images/s / fp32 images/s>`.
 
     .venv/bin/python bench/predict_throughput.py [--images 1000] [--backbone deit_tiny_patch16_224] [--device cuda]
+    .venv/bin/python bench/predict_throughput.py --int8-only [--int8-images 128] [--int8-repeats 6]
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from mvit.infer.predict import predict_stream
 from mvit.data.transforms import Preprocessing, eval_transform
 from mvit.nn.vit import VisionTransformer, named_config
 from mvit.registry import manager
+from mvit.registry.records import image_files
 
 
 def write_jpegs(folder: Path, count: int, size: tuple[int, int] = (300, 225)) -> list[Path]:
@@ -102,6 +108,36 @@ def end_to_end(model: Model, files: list[Path], heads, batch_size: int, workers:
     return time.perf_counter() - start
 
 
+def int8_against_fp32(data: Path, count: int, batch_size: int, workers, repeats: int) -> tuple[list, float]:
+    """Rows for int8 against fp32 end to end with the bundled model on real images; and int8 / fp32."""
+    import mvit
+    from mvit.infer.quantize import int8_backbone
+
+    model = mvit.load(device="cpu")
+    files = sorted(image_files(data))[:count]
+    if not files:
+        raise SystemExit(f"no images under {data}; pass --data")
+    workers = loader_workers(len(files), batch_size, torch.device("cpu")) if workers is None else workers
+    start = time.perf_counter()
+    int8_backbone(model)  # the one-time copy, kept on the model
+    quantizing = time.perf_counter() - start
+    end_to_end(model, files[:batch_size], None, batch_size, workers, "fp32")  # warm-up
+    end_to_end(model, files[:batch_size], None, batch_size, workers, "int8")
+    times: dict[str, list[float]] = {"fp32": [], "int8": []}
+    for _ in range(repeats):  # alternate, so a busy neighbour hits both alike
+        for precision in times:
+            times[precision].append(end_to_end(model, files, None, batch_size, workers, precision))
+    rate = {precision: len(files) / min(values) for precision, values in times.items()}
+    where = f"{len(files)} real images from {data}, bundled model, all {len(model.heads)} heads + gate, {workers} workers"
+    print(f"int8 rows: {where}; run times {', '.join(f'{p} ' + '/'.join(f'{t:.1f}' for t in v) + ' s' for p, v in times.items())}")
+    rows = [
+        ("end to end, fp32, bundled model, real images", rate["fp32"], ""),
+        ("end to end, int8, bundled model, real images", rate["int8"], f"{rate['int8'] / rate['fp32']:.2f}x fp32"),
+        ("making the int8 backbone (once per model)", float("nan"), f"{quantizing:.2f} s"),
+    ]
+    return rows, rate["int8"] / rate["fp32"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=1000)
@@ -111,7 +147,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of each measurement, alternating; the best counts")
     parser.add_argument("--bf16-images", type=int, default=128, help="images for the bf16 rows (slow on CPUs without AMX)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--int8-images", type=int, default=128, help="real images for the int8 rows (CPU only; 0: none)")
+    parser.add_argument("--int8-repeats", type=int, default=6,
+                        help="timed runs of fp32 and int8, alternating; the best of each counts (short runs catch quiet spells on a shared machine)")
+    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "ham10000",
+                        help="folder of real images for the int8 rows")
+    parser.add_argument("--int8-only", action="store_true", help="only the int8 rows")
     args = parser.parse_args()
+
+    if args.int8_only:
+        rows, speedup = int8_against_fp32(args.data, args.int8_images, args.batch_size, args.workers, args.int8_repeats)
+        print(f"\n{'measurement':<48}{'images/s':>10}  note")
+        for name, value, note in rows:
+            print(f"{name:<48}{'' if value != value else f'{value:.1f}':>10}  {note}")  # nan: no rate
+        print(f"ratio: {speedup:.3f}")
+        return
 
     import timm
 
@@ -157,9 +207,11 @@ def main() -> None:
         (f"bare backbone forward, bf16 ({args.bf16_images} images)", args.bf16_images / bf16_bare, ""),
         (f"end to end, 1 head, bf16 ({args.bf16_images} images)", args.bf16_images / bf16_end, ""),
     ]
+    if device.type == "cpu" and args.int8_images > 0:
+        rows += int8_against_fp32(args.data, args.int8_images, args.batch_size, args.workers, args.int8_repeats)[0]
     print(f"\n{'measurement':<48}{'images/s':>10}  note")
     for name, value, note in rows:
-        print(f"{name:<48}{value:>10.1f}  {note}")
+        print(f"{name:<48}{'' if value != value else f'{value:.1f}':>10}  {note}")  # nan: no rate
     spread = {name: f"{min(v):.2f}-{max(v):.2f} s" for name, v in times.items()}
     print(f"\nrun times over {args.repeats} repeats (best counts): {spread}")
     bound = (min(times["bare"]) + head_seconds[len(all_heads)]) / (min(times["bare"]) + head_seconds[1])

@@ -12,7 +12,6 @@ import sys
 
 import pytest
 
-import mvit
 from clirun import call_mvit, run_mvit
 from datasets_factory import write_image
 from inference_models import plugin_heads_model, saved_model

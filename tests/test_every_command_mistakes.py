@@ -24,6 +24,7 @@ import pytest
 from clirun import run_mvit
 from datasets_factory import make_dermmel, write_image
 from inference_models import saved_model
+from training_data import write_tiny_config
 
 DRIVER = r'''
 import json, os, sys, traceback
@@ -54,28 +55,6 @@ for k, (name, argv) in enumerate(cases.items()):
 json.dump(results, open(results_file, "w"))
 '''
 
-CONFIG = """
-output = "{out}"
-[[datasets]]
-name = "dermmel"
-root = "{root}"
-[backbone]
-name = "deit_tiny_patch16_224"
-init = "random"
-patch_size = 8
-width = 32
-depth = 2
-num_heads = 2
-[preprocessing]
-image_size = 32
-[training]
-epochs = 1
-batch_size = 8
-workers = 0
-device = "cpu"
-"""
-
-
 def mistakes(tmp: Path) -> dict[str, list[str]]:
     """Each command's typical mistakes, in files made under `tmp`."""
     model = str(saved_model(tmp))
@@ -85,8 +64,7 @@ def mistakes(tmp: Path) -> dict[str, list[str]]:
     a_file = tmp / "a-file"
     a_file.write_text("a regular file, where a folder is expected\n")
     data = make_dermmel(tmp / "data")
-    config = tmp / "config.toml"
-    config.write_text(CONFIG.format(out=tmp / "run", root=data))
+    config = write_tiny_config(tmp / "config.toml", data, output=tmp / "run", preprocessing={"crop_fraction": None})
     (tmp / "not-toml.toml").write_text("this is [not toml\n")
     (tmp / "unknown-field.toml").write_text(config.read_text() + "\n[nonsense]\nx = 1\n")
     missing, broken, empty = str(tmp / "missing"), str(tmp / "broken.jpg"), str(tmp / "empty")
@@ -146,6 +124,10 @@ def mistakes(tmp: Path) -> dict[str, list[str]]:
         "extract: missing config": ["extract", missing + ".toml"],
         "extract: --set unknown field": ["extract", str(config), "--set", "training.nope=1"],
         "extract: cache under a regular file": ["extract", str(config), "--cache", under_file("features.h5")],
+        "export: invalid --format": ["export", model, "--format", "tflite", "-o", str(tmp / "m.onnx")],
+        "export: unknown head": ["export", model, "-H", "dermml", "-o", str(tmp / "m.onnx")],
+        "export: missing model file": ["export", missing + ".safetensors", "-o", str(tmp / "m.onnx")],
+        "export: output under a regular file": ["export", model, "-o", under_file("m.onnx")],
     }
     if Path("/dev/full").exists():  # writing there fails with "no space left on device"
         cases["predict: disk full"] = ["predict", "-m", model, "-f", "csv", "-o", "/dev/full", image]

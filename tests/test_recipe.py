@@ -26,7 +26,8 @@ from mvit.data.transforms import (
     eval_transform,
     train_transform,
 )
-from test_train import dermmel_root, metrics, tiny_config, train_interrupted_then_resume  # noqa: F401 (a fixture)
+from test_train import dermmel_root, metrics, tiny_config  # noqa: F401 (a fixture)
+from training_data import interrupted_run
 
 
 def lesion_image(size=(60, 48), cast=(1.0, 1.0, 1.0), seed=0) -> Image.Image:
@@ -213,7 +214,7 @@ def test_the_averaged_weights_are_saved_when_they_validate_better(dermmel_root, 
 def test_resume_continues_the_average(dermmel_root, tmp_path, monkeypatch):  # noqa: F811
     sections = dict(training={"epochs": 2, "ema_decay": 0.9})
     training.train(tiny_config(dermmel_root, tmp_path / "straight", **sections))
-    train_interrupted_then_resume(tiny_config(dermmel_root, tmp_path / "interrupted", **sections), 1, monkeypatch)
+    training.resume(interrupted_run(tiny_config(dermmel_root, tmp_path / "interrupted", **sections), 1, monkeypatch))
     straight = torch.load(tmp_path / "straight" / "state.pt", weights_only=True)["ema"]
     resumed = torch.load(tmp_path / "interrupted" / "state.pt", weights_only=True)["ema"]
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)

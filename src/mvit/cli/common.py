@@ -6,6 +6,7 @@ torch and the inference modules are imported inside `load_model` only, so import
 
 from __future__ import annotations
 
+import gc
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -16,6 +17,11 @@ from mvit.errors import MvitError
 from mvit.nn.precision import PRECISIONS
 
 PrecisionChoice = Enum("PrecisionChoice", {name: name for name in PRECISIONS}, type=str)
+
+PRECISION_HELP = (
+    "auto: bfloat16 where the hardware runs it fast (CUDA, CPUs with AMX), else fp32; fp32; bf16; "
+    "int8 (CPU only: the backbone's linear layers quantised)"
+)
 
 DEVICE_HELP = "auto (a CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N"
 
@@ -41,7 +47,12 @@ def load_model(model_file: Optional[Path], device: str):
         raise MvitError(f"unknown device {device!r}; use {DEVICE_HELP}") from None
     if chosen.type == "cuda" and not torch.cuda.is_available():
         raise MvitError(f"device {device!r} asked for, but PyTorch sees no CUDA GPU here; use --device cpu")
-    return model_files.load(model_file, device=chosen)  # None: the bundled model
+    model = model_files.load(model_file, device=chosen)  # None: the bundled model
+    # start-up is over: what it made (torch's modules above all) lives as long as the process, so the
+    # collector need not scan it again; it was off until now (see `_runs_a_model` in app.py), and comes back on here
+    gc.freeze()
+    gc.enable()
+    return model
 
 
 def check_writable(path: Path, option: str, *, folder: bool) -> None:

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from mvit.cli.common import PrecisionChoice, check_writable, device_option, load_model, model_option
+from mvit.cli.common import PRECISION_HELP, PrecisionChoice, check_writable, device_option, load_model, model_option
 from mvit.cli.output import print_table, say, show
 from mvit.errors import MvitError
 
@@ -21,16 +21,19 @@ def evaluate_command(
     model_file: Optional[Path] = model_option(),
     split: str = typer.Option("test", "--split", help="split to evaluate on (test, valid, train), or all for every image of the dataset"),
     fold: Optional[int] = typer.Option(None, "--fold", help="cross-validation fold the model held out (default: as recorded in the model file)"),
-    precision: PrecisionChoice = typer.Option(PrecisionChoice.auto, "--precision", help="auto, fp32 or bf16"),
+    precision: PrecisionChoice = typer.Option(PrecisionChoice.auto, "--precision", help=PRECISION_HELP),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
     device: str = device_option(),
 ) -> None:
     """Evaluate one head on a split of its dataset, or of any dataset whose labels match its classes; write the report."""
+    from mvit.data.distributed import Processes, local_device, quiet_unless_rank_zero
     from mvit.evaluate.report import ALL_IMAGES, evaluate_head, leak_sentence, split_settings
     from mvit.registry import manager
 
+    quiet_unless_rank_zero()  # under torchrun rank 0 alone prints and writes
     check_writable(out, "--out", folder=True)
-    model = load_model(model_file, device)
+    model = load_model(model_file, local_device(device))
+    processes = Processes.from_environment(next(model.parameters()).device.type)
     model.select_heads(head)
     dataset = manager.get_head(head).dataset if dataset is None else manager.get_dataset(dataset).name
     settings = split_settings(model.provenance, dataset)
@@ -44,8 +47,11 @@ def evaluate_command(
             raise MvitError(f"the model held out {held} of {dataset}, so fold {fold} holds training images; leave out --fold")
         settings["fold"] = fold
     metrics = evaluate_head(
-        model, head, root, out, dataset=dataset, split=split, splits=settings, precision=precision.value, batch_size=batch_size
+        model, head, root, out, dataset=dataset, split=split, splits=settings, precision=precision.value, batch_size=batch_size,
+        processes=processes,
     )
+    if not processes.main:  # its share of the images is in rank 0's report
+        return
     for message in metrics["unreadable"]:
         say(f"warning: left out: {message}")
     leaked = leak_sentence(metrics)
@@ -86,7 +92,7 @@ def calibrate_command(
     layer: str = typer.Option("middle", "--layer", help="feature the gate reads: middle (mean patch token halfway up the backbone), pooled (the heads' feature) or a block number"),
     accept: float = typer.Option(0.95, "--accept", help="fraction of validation images the gate lets through; it sets the threshold"),
     k: int = typer.Option(10, "--k", min=1, help="knn: which nearest neighbour's distance is the score"),
-    precision: PrecisionChoice = typer.Option(PrecisionChoice.auto, "--precision", help="auto, fp32 or bf16"),
+    precision: PrecisionChoice = typer.Option(PrecisionChoice.auto, "--precision", help=PRECISION_HELP),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="decoding processes (default: by image count and CPUs)"),
     device: str = device_option(),

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from mvit.cli.common import PrecisionChoice, check_writable, device_option, load_model, model_option
+from mvit.cli.common import PRECISION_HELP, PrecisionChoice, check_writable, device_option, load_model, model_option
 from mvit.cli.output import OutputFormat, print_table, printable, say, show, stderr
 from mvit.errors import MvitError
 
@@ -22,7 +23,7 @@ def predict_command(
     output: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="table for people; json or csv (one record per image and head) for programs"),
     output_file: Optional[Path] = typer.Option(None, "--output", "-o", help="write the json or csv here instead of to stdout"),
     tta: bool = typer.Option(False, "--tta", help="average over the four flips of each image (4x the work)"),
-    precision: PrecisionChoice = typer.Option(PrecisionChoice.auto, "--precision", help="auto: bfloat16 where the hardware runs it fast (CUDA, CPUs with AMX), else fp32"),
+    precision: PrecisionChoice = typer.Option(PrecisionChoice.auto, "--precision", help=PRECISION_HELP),
     threshold: Optional[float] = typer.Option(None, "--threshold", min=0.0, max=1.0, help="decision threshold for binary heads instead of the stored one"),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="images per backbone pass"),
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="decoding processes (default: by file count and CPUs)"),
@@ -31,38 +32,47 @@ def predict_command(
 ) -> None:
     """Predict images with one or more heads. Files that cannot be read are reported, the rest predicted; exit 1 when any failed."""
     from mvit.data.dataset import loader_workers
+    from mvit.data.distributed import Processes, local_device, quiet_unless_rank_zero
     from mvit.infer.predict import predict_stream
     from mvit.progress import progress_bar
 
+    quiet_unless_rank_zero()  # under torchrun rank 0 alone prints and writes
     output = _format_of(output, output_file)
     if output_file is not None:
         check_writable(output_file, "--output", folder=False)
     files, shown = _find_images(paths)
-    model = load_model(model_file, device)
+    model = load_model(model_file, local_device(device))
+    processes = Processes.from_environment(next(model.parameters()).device.type)
     names = model.select_heads(heads)
+    mine = processes.shard(len(files))  # every input without torchrun; under it, every world-th
     stream = predict_stream(
-        model, files, names, threshold=threshold, tta=tta, precision=precision.value, batch_size=batch_size,
-        workers=loader_workers(len(files), batch_size, next(model.parameters()).device) if workers is None else workers,
+        model, [files[index] for index in mine], names, threshold=threshold, tta=tta, precision=precision.value, batch_size=batch_size,
+        workers=loader_workers(len(mine), batch_size, next(model.parameters()).device, processes.local_world) if workers is None else workers,
         abstain=abstain,
     )
+    results = processes.merged(stream, len(files), chunk=max(256, batch_size))  # every rank's, on rank 0
+    opened = processes.on_main(lambda: _open_for_writing(output_file)) if output_file else None
     failed = 0
     try:
-        with (_open_for_writing(output_file) if output_file else contextlib.nullcontext(sys.stdout)) as sink:
-            writer = _PredictionWriter(output, sink, {name: model.heads[name].classes for name in names}, gate=model.ood_gate is not None)
-            with progress_bar(stderr, disable=not stderr.is_terminal) as progress:
+        with (opened or contextlib.nullcontext(sys.stdout)) as sink:
+            writer = _PredictionWriter(output, sink, {name: model.heads[name].classes for name in names},
+                                       gate=model.ood_gate is not None) if processes.main else None
+            with progress_bar(stderr, disable=not (processes.main and stderr.is_terminal)) as progress:
                 task = progress.add_task("predicting", total=len(files))
-                for index, result in enumerate(stream):  # one result per input, in input order
+                for index, result in enumerate(results):  # one result per input, in input order (none on ranks > 0)
                     if result.error is not None:
                         failed += 1
                         say(f"error: {result.error}")
                     else:
                         writer.add([dataclasses.replace(p, image=shown[index]) for p in result.predictions])
                     progress.advance(task)
-            writer.close()
+            if writer is not None:
+                writer.close()
     except OSError as error:  # a full disk while writing: the boundary names the file written
         if error.filename is None:
             error.filename = str(output_file) if output_file else "standard output"
         raise
+    failed = processes.share(failed)  # the same exit status on every rank
     if failed < len(files):  # what the predictions rest on, once per run, after them
         _note_uncalibrated(model, names, threshold)
     if failed:
@@ -146,6 +156,8 @@ def _find_images(arguments: list[str]) -> tuple[list, list[str]]:
     for argument in arguments:
         if argument not in STDIN_NAMES:
             pending.append(argument)
+        elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise MvitError(f"{argument} (an image on standard input) cannot be shared out between torchrun processes; save it to a file and name that")
         elif stdin_name is None:  # standard input is read once, however often it is named
             flush()
             stdin_name = argument

@@ -87,6 +87,9 @@ def fit_gate(
     that keeps the features, so fitting again (another method or `accept`) costs no backbone pass.
     """
     check_options(method, accept, k)
+    if precision == "int8":  # the gate's reference features are the exact ones; int8 is for prediction
+        raise ConfigError("the gate is fitted in fp32 or bf16, not int8; use --precision auto, fp32 or bf16 to fit it "
+                          "(a model with a gate still predicts with --precision int8)")
     layer = resolve_layer(model.backbone, layer)
     features = {}
     for split, items in (("training", train_paths), ("validation", valid_paths)):

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from mvit.data.dataset import loader_workers
+from mvit.data.distributed import Processes
 from mvit.errors import MvitError
 from mvit.evaluate.evaluation_set import ALL_IMAGES, count_phrase, evaluation_set, split_settings
 from mvit.evaluate.metrics import classification_metrics, expected_calibration_error, positive_index, reliability_bins
@@ -80,6 +81,7 @@ def evaluate_head(
     precision: str = "auto",
     batch_size: int = 32,
     workers: Optional[int] = None,
+    processes: Optional[Processes] = None,
 ) -> dict[str, Any]:
     """Run `head` over one split (`all`: every image) of a dataset at `root`; write the report to `out`.
 
@@ -94,8 +96,9 @@ def evaluate_head(
     the model may have trained on). "leaked_training_images" counts the evaluated images that the
     model file records as its training images (same bytes or ISIC id), listed in
     "leaked_training_image_paths"; None for a model file without that record. workers: decoding processes (default: by image count and CPUs).
+    processes: under torchrun, every process computes the logits of its share of the images and rank
+    0 alone writes the report (the same as one process writes); the metrics are returned on every rank.
     """
-    from mvit import plots
     from mvit.registry import manager
 
     model.select_heads(head)
@@ -111,19 +114,38 @@ def evaluate_head(
     chosen = evaluation_set(head, dataset, root, split, splits)
     items = chosen.items
     paths = [sample.path for sample, _ in items]
-    workers = loader_workers(len(paths), batch_size, next(model.parameters()).device) if workers is None else workers
+    processes = processes or Processes()
+    mine = processes.shard(len(paths))  # every image in one process; under torchrun, every world-th
+    if workers is None:
+        workers = loader_workers(len(mine), batch_size, next(model.parameters()).device, processes.local_world)
 
-    rows, logits, unreadable, ood_scores = [], [], [], []
-    for batch in logits_stream(model, paths, [head], precision=precision, batch_size=batch_size, workers=workers):
-        unreadable += [batch.errors[index] for index in sorted(batch.errors)]
-        rows += batch.indices
+    found = []  # (input positions, logits (b, K), gate scores (b,) or None) per batch, and unreadable (position, sentence)
+    errors: list[tuple[int, str]] = []
+    for batch in logits_stream(model, [paths[i] for i in mine], [head], precision=precision, batch_size=batch_size, workers=workers):
+        errors += [(mine[index], batch.errors[index]) for index in sorted(batch.errors)]
         if batch.indices:
-            logits.append(batch.logits[head])
-            if batch.ood_scores is not None:
-                ood_scores.append(batch.ood_scores)  # (b,): the model has an out-of-distribution gate
+            found.append(([mine[index] for index in batch.indices], batch.logits[head], batch.ood_scores))
+    shares = processes.gather((found, errors))  # every rank's, on rank 0
+    report = processes.on_main(lambda: _report(model, head, info, spec, root, out, dataset, split, chosen, paths, shares))
+    return processes.share(report)
+
+
+def _report(model: Model, head: str, info, spec, root, out, dataset: str, split: str, chosen, paths: list,
+            shares: list) -> dict[str, Any]:
+    """The metrics, predictions.csv and figures from every process's share of the logits, in input order."""
+    from mvit import plots
+
+    items = chosen.items
+    found = [batch for share, _ in shares for batch in share]
+    rows = [index for positions, _, _ in found for index in positions]
+    order = np.argsort(rows, kind="stable")  # rank r's rows are r, r + world, ...: back to input order
+    rows = [rows[k] for k in order]
+    unreadable = [sentence for _, sentence in sorted(error for _, share in shares for error in share)]
+    logits = [batch_logits for _, batch_logits, _ in found]
+    ood_scores = [scores for _, _, scores in found if scores is not None]  # (b,) each: the model has a gate
     if not rows:
         raise MvitError(f"none of the {len(paths)} images of the {split} split could be read; run `mvit data check {dataset} --root {root}`")
-    logits_all = torch.cat(logits)  # (N, K)
+    logits_all = torch.cat(logits)[torch.from_numpy(order)]  # (N, K)
     targets = np.array([items[index][1] for index in rows])  # (N,)
     raw = logits_all.softmax(dim=-1).numpy()
     probabilities = calibrated(logits_all, info).numpy()  # what predict reports
@@ -153,7 +175,7 @@ def evaluate_head(
     metrics["leaked_training_images"] = None if leaked is None else len(leaked)
     metrics["leaked_training_image_paths"] = [] if leaked is None else sorted(str(path) for path in leaked)
     metrics["notes"] = _notes(metrics, model.provenance)
-    scores = torch.cat(ood_scores).numpy() if ood_scores else None  # (N,), with a gate
+    scores = torch.cat(ood_scores)[torch.from_numpy(order)].numpy() if ood_scores else None  # (N,), with a gate
     if scores is not None:
         metrics["ood"] = ood_report(model.ood_gate, scores, probabilities, targets, info.classes, positive, info.threshold)
 

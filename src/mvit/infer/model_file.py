@@ -9,6 +9,7 @@ other, and non-finite weights, rather than give a wrong answer.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -20,6 +21,7 @@ from typing import Any, Optional, Union
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from torch.overrides import TorchFunctionMode
 
 from mvit.infer.model import Model
 from mvit.nn.heads import HeadInfo
@@ -129,6 +131,26 @@ def read_metadata(path: Union[str, Path]) -> ModelMetadata:
     return _metadata(path, _read(path).header)
 
 
+def _one_thread(function):
+    """Runs `function` with one intra-op thread (restored after). Loading is a few hundred small,
+    memory-bound operations: on a busy machine each multi-threaded one waits until all its threads
+    are scheduled (seconds in all on two busy cores), and one thread is as fast on an idle one."""
+
+    @functools.wraps(function)
+    def run(*args, **kwargs):
+        threads = torch.get_num_threads()
+        if threads == 1:
+            return function(*args, **kwargs)
+        torch.set_num_threads(1)
+        try:
+            return function(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+
+    return run
+
+
+@_one_thread
 def load(path: Union[str, Path, None] = None, *, device: Union[str, torch.device] = "cpu") -> Model:
     """A model ready for inference (eval mode, float32). No path: the model bundled with mvit.
 
@@ -140,13 +162,15 @@ def load(path: Union[str, Path, None] = None, *, device: Union[str, torch.device
     metadata = _metadata(path, contents.header)
     tensors = contents.tensors
     _check_tensors(path, tensors)
-    model = Model(VisionTransformer(metadata.backbone), metadata.preprocessing)
+    with _ParametersOnMeta():  # every value comes from the file: no memory, no random initialisation
+        model = Model(VisionTransformer(metadata.backbone), metadata.preprocessing)
     model.provenance = dict(metadata.provenance)
     training_images = _training_images(path, metadata, tensors)  # takes its tensors out of `tensors`
     if training_images is not None:
         model.provenance[TRAINING_IMAGES] = training_images
-    for info in metadata.heads.values():
-        model.add_head(info)
+    with _ParametersOnMeta():
+        for info in metadata.heads.values():
+            model.add_head(info)
     if metadata.ood_gate is not None:
         gate_tensors = {name[len(OOD_PREFIX):]: tensors.pop(name) for name in list(tensors) if name.startswith(OOD_PREFIX)}
         try:
@@ -175,7 +199,11 @@ def load(path: Union[str, Path, None] = None, *, device: Union[str, torch.device
     ]
     if problems:
         raise ModelFileError(f"{path} does not fit the model its metadata describes: " + "; ".join(problems[:5]))
-    model.load_state_dict({name: tensor.to(expected[name].dtype) for name, tensor in tensors.items()})
+    stray = [name for name, _ in model.named_buffers() if name not in expected]
+    if stray:  # a bug in mvit, not in the file: such a buffer would stay uninitialised memory
+        raise RuntimeError(f"load cannot fill the non-persistent buffers {', '.join(stray)}; compute them after to_empty")
+    # real (uninitialised) memory, filled by the copy, which also widens float16 files to float32
+    model.to_empty(device="cpu").load_state_dict(tensors)
     return model.to(device).eval()
 
 
@@ -326,6 +354,21 @@ def _check_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     if bad:
         more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
         raise ModelFileError(f"{path} is damaged: tensor {', '.join(bad[:3])}{more} holds NaN or infinite values")
+
+
+class _ParametersOnMeta(TorchFunctionMode):
+    """Builds modules with their parameters on the meta device, so the random initialisation of
+    each (values the file's tensors replace; most of the time `load` took) costs nothing. Only the
+    constructors parameters are made with are redirected; a tensor computed in a constructor (the
+    drop-path rates' linspace) is made as usual. `to_empty` then gives the parameters real memory."""
+
+    _CONSTRUCTORS = frozenset({torch.empty, torch.zeros, torch.ones})
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func in self._CONSTRUCTORS and kwargs.get("device") is None:
+            kwargs["device"] = "meta"
+        return func(*args, **kwargs)
 
 
 def _head_problems(metadata: ModelMetadata, tensors: dict[str, torch.Tensor]) -> list[str]:

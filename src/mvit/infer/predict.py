@@ -24,6 +24,7 @@ from mvit.data.dataset import ImageBatch, ImageInput, SingleImage, image_loader
 from mvit.data.transforms import eval_transform
 from mvit.errors import ConfigError, ImageError, MvitError
 from mvit.infer.prediction import UNKNOWN, ImageResult, Prediction, calibrated, decide, thresholds_for
+from mvit.infer.quantize import int8_backbone
 from mvit.nn.precision import Precision, autocast, autocast_dtype
 
 if TYPE_CHECKING:  # pragma: no cover - Model.predict calls this module
@@ -62,7 +63,8 @@ class LogitsBatch:
 
 
 def forward_images(
-    model: Model, images: Tensor, heads: list[str], *, tta: bool, dtype: Optional[torch.dtype]
+    model: Model, images: Tensor, heads: list[str], *, tta: bool, dtype: Optional[torch.dtype],
+    backbone: Optional[torch.nn.Module] = None,
 ) -> tuple[dict[str, Tensor], Optional[Tensor]]:
     """Normalised images (B, 3, S, S) -> ({head: float32 logits (B, K)}, gate scores (B,) or None),
     both on the CPU, from one backbone pass.
@@ -71,9 +73,11 @@ def forward_images(
     in the same pass and averages their logits. The gate scores the un-flipped image's feature only:
     its threshold was chosen on un-flipped features, and a mean of four flipped features is pulled
     towards the centre of the feature cloud, so it would be scored against the wrong threshold.
-    The score is then the same with and without `tta`.
+    The score is then the same with and without `tta`. `backbone`: run this one instead of the
+    model's (the int8 copy of `mvit.infer.quantize`); the heads are always the model's.
     """
     B = images.shape[0]
+    backbone = model.backbone if backbone is None else backbone
     if tta:
         # (4B, 3, S, S): original, left-right, up-down, both
         images = torch.cat([images, images.flip(-1), images.flip(-2), images.flip(-1, -2)])
@@ -81,9 +85,9 @@ def forward_images(
     with torch.inference_mode():
         with autocast(images.device, dtype):
             if gate is None:
-                features = model.backbone(images)  # (B or 4B, D)
+                features = backbone(images)  # (B or 4B, D)
             else:  # the same pass, also yielding the feature the gate reads (B or 4B, D)
-                features, looked_at = gate.features(model.backbone, images)
+                features, looked_at = gate.features(backbone, images)
             logits = model.head_logits(features, heads)
         # float32, outside autocast: a bfloat16 distance would blur scores near the threshold
         scores = None if gate is None else gate.score(looked_at[:B].float()).cpu()
@@ -121,8 +125,13 @@ def logits_stream(
 ) -> Iterator[LogitsBatch]:
     """Raw logits (and gate scores) batch by batch, in input order."""
     names = model.select_heads(heads)
+    backbone = None  # the model's own; int8: its quantised copy, made once per model (after the device check)
     for batch, dtype in image_batches(model, items, precision=precision, batch_size=batch_size, workers=workers):
-        logits, scores = ({}, None) if batch.images is None else forward_images(model, batch.images, names, tta=tta, dtype=dtype)
+        if precision == "int8" and backbone is None:
+            backbone = int8_backbone(model)
+        logits, scores = ({}, None) if batch.images is None else forward_images(
+            model, batch.images, names, tta=tta, dtype=dtype, backbone=backbone
+        )
         yield LogitsBatch(batch.positions, logits, batch.errors, scores)
 
 

@@ -5,6 +5,10 @@ config, the CLI and the API accept.
 bfloat16 matrix work is fast on CUDA GPUs and on CPUs with AMX (Intel Sapphire Rapids and later). On
 other CPUs it is emulated and several times slower than float32, so `auto` must not pick it there.
 
+`int8` (prediction on the CPU only, never training: `TRAINING_PRECISIONS`) runs the backbone's linear
+layers in int8 (`mvit.infer.quantize`) and everything else in float32; no autocast. `auto` never
+picks it: it moves probabilities by up to a few hundredths (docs/prediction.md).
+
 torch is imported inside the functions: the CLI reads `PRECISIONS` to build its options, and
 `mvit --help` must not pay for importing torch.
 """
@@ -20,8 +24,10 @@ from mvit.errors import ConfigError
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-Precision = Literal["auto", "fp32", "bf16"]
+Precision = Literal["auto", "fp32", "bf16", "int8"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
+TrainingPrecision = Literal["auto", "fp32", "bf16"]  # int8 is for prediction only
+TRAINING_PRECISIONS: tuple[str, ...] = get_args(TrainingPrecision)
 
 
 @lru_cache(maxsize=1)
@@ -40,10 +46,22 @@ def autocast_dtype(precision: Precision, device: torch.device) -> Optional[torch
         raise ConfigError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if precision == "fp32":
         return None
+    if precision == "int8":  # float32 around the int8 linears of mvit.infer.quantize
+        check_int8_device(device)
+        return None
     if precision == "bf16":
         return torch.bfloat16
     fast = device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bfloat16())
     return torch.bfloat16 if fast else None
+
+
+def check_int8_device(device: torch.device) -> None:
+    """int8 quantised linears have CPU kernels only: one sentence for any other device."""
+    if device.type != "cpu":
+        raise ConfigError(
+            f"--precision int8 runs on the CPU only, and the model is on {device}; "
+            "use --device cpu with int8, or --precision auto (or bf16) on the GPU"
+        )
 
 
 def autocast(device: torch.device, dtype: Optional[torch.dtype]) -> contextlib.AbstractContextManager:

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from mvit.infer import model_file, ood
 from mvit.data.transforms import Augmentation, Preprocessing
 from mvit.errors import ConfigError, MvitError
-from mvit.nn.precision import Precision
+from mvit.nn.precision import TrainingPrecision
 
 
 BUNDLED = "bundled"  # backbone.init: the model file that comes with mvit (mvit.load())
@@ -97,7 +97,7 @@ class TrainingConfig(_Strict):
     early_stopping: Optional[int] = Field(default=10, ge=1)  # epochs without improvement; None: never stop
     seed: int = 0
     device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
-    precision: Precision = "auto"
+    precision: TrainingPrecision = "auto"  # not int8: that is for prediction only
     workers: Union[int, Literal["auto"]] = "auto"
     # an image that does not decode: "stop" the run with one sentence naming it, or "skip" it (left
     # out of its batch, of validation and of the feature cache; the count is reported each epoch)

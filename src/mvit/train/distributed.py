@@ -1,54 +1,16 @@
-"""Several processes under torchrun: this process's rank, the process group, and the
-DistributedDataParallel wrapping of a training step (one process: no wrapping, no group)."""
+"""Several processes under torchrun, for training: the DistributedDataParallel wrapping of a training
+step (one process: no wrapping). Which process this is and the process group (`Processes`) live in
+`mvit.data.distributed`, shared with prediction and evaluation; re-exported here for the trainer."""
 
 from __future__ import annotations
-
-import os
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from mvit.data.distributed import Processes
 from mvit.infer.model import Model
 
-
-@dataclass
-class Processes:
-    """This process's place under torchrun (rank 0 of 1 without it)."""
-
-    rank: int = 0
-    world: int = 1
-
-    @classmethod
-    def from_environment(cls, device_type: str) -> "Processes":
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world == 1:
-            return cls()
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-        return cls(dist.get_rank(), world)
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-    def share(self, value):
-        """Rank 0's value, on every rank."""
-        if self.world == 1:
-            return value
-        import torch.distributed as dist
-
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
+__all__ = ["Processes", "StepModule", "step_module"]
 
 
 class StepModule(nn.Module):

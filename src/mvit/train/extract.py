@@ -7,12 +7,12 @@ import os
 from pathlib import Path
 
 from mvit.data.dataset import BadImages
+from mvit.data.distributed import Processes
 from mvit.data.features import FeatureCache
 from mvit.nn.precision import autocast_dtype, resolve_device
 from mvit.progress import progress_bar
 from mvit.train.batches import decoding_workers
 from mvit.train.config import TrainConfig
-from mvit.train.distributed import Processes
 from mvit.train.model_setup import build_model
 from mvit.train.tasks import build_tasks
 
