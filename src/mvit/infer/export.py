@@ -13,6 +13,9 @@ class, decision threshold and temperature, and the gate's threshold. The metadat
 one file, so it cannot drift from the graph it describes. docs/prediction.md, "Export to ONNX", shows
 how to read it and reproduce the preprocessing with numpy and Pillow.
 
+Over 300 lines because the export and its check belong together: the graph, its metadata, and the
+comparison with PyTorch that every export runs before it is trusted.
+
 The exporter is PyTorch's TorchScript-based one (`torch.onnx.export(..., dynamo=False)`): it needs
 only the `onnx` package, runs offline, and handles every operation of the backbone. The
 torch.export-based exporter (PyTorch's default since 2.9) needs `onnxscript` as well.

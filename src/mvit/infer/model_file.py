@@ -1,7 +1,7 @@
 """The model file: one `.safetensors` file with the backbone, every head and JSON metadata.
 
 safetensors holds tensors and a string-to-string header only, so loading a model file can never
-run code. `_read` is the one place a model file is opened: every failure becomes one
+run code. `model_opener.read` is the one place a model file is opened: every failure becomes one
 `ModelFileError` sentence naming the file, and a pickle is recognised (to say so) only after the
 file failed to open as safetensors. `load` refuses metadata and tensors that do not fit each
 other, and non-finite weights, rather than give a wrong answer.
@@ -13,8 +13,6 @@ import functools
 import json
 import math
 import os
-import stat
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -30,6 +28,7 @@ from mvit.infer.ood import GateInfo, OODGate
 from mvit.data.transforms import Preprocessing
 from mvit.nn.vit import VisionTransformer, ViTConfig
 from mvit.errors import ModelFileError
+from mvit.infer.model_opener import read as read_model_file
 from mvit.registry.leakage import TrainingImages
 
 FORMAT = "mvit-model"
@@ -41,8 +40,6 @@ BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "assets" / "default.safete
 TRAINING_IMAGES = "training_images"
 TRAINING_TENSORS = {"content": f"{TRAINING_IMAGES}.content", "isic": f"{TRAINING_IMAGES}.isic"}
 
-# first bytes of files that are pickles: torch.save's zip archive, and a bare pickle stream
-_PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 
 
 class ModelMetadata(BaseModel):
@@ -128,7 +125,7 @@ def save(model: Model, path: Union[str, Path], *, half: bool = False, provenance
 def read_metadata(path: Union[str, Path]) -> ModelMetadata:
     """The metadata of a model file, without reading its tensors."""
     path = Path(path)
-    return _metadata(path, _read(path).header)
+    return _metadata(path, read_model_file(path).header)
 
 
 def _one_thread(function):
@@ -158,7 +155,7 @@ def load(path: Union[str, Path, None] = None, *, device: Union[str, torch.device
     fit each other, non-finite weights) raises `ModelFileError` with one sentence naming the file.
     """
     path = bundled_model_path() if path is None else Path(path)
-    contents = _read(path, tensors=True)
+    contents = read_model_file(path, tensors=True)
     metadata = _metadata(path, contents.header)
     tensors = contents.tensors
     _check_tensors(path, tensors)
@@ -211,13 +208,13 @@ def read_training_images(path: Union[str, Path]) -> Optional[TrainingImages]:
     """The images the model in a file trained on, as its file records them (without reading the
     weights); None for a file that does not record them (written before mvit recorded them)."""
     path = Path(path)
-    contents = _read(path, tensors=True, only=f"{TRAINING_IMAGES}.")
+    contents = read_model_file(path, tensors=True, only=f"{TRAINING_IMAGES}.")
     return _training_images(path, _metadata(path, contents.header), contents.tensors)
 
 
 def stored_as_half(path: Union[str, Path]) -> bool:
     """Whether the model file holds its backbone as float16 (written with `save(..., half=True)`)."""
-    dtypes = _read(Path(path)).dtypes
+    dtypes = read_model_file(Path(path)).dtypes
     name = next((name for name in dtypes if name.startswith("backbone.")), None)
     return name is not None and dtypes[name] == "F16"
 
@@ -228,80 +225,6 @@ def bundled_model_path() -> Path:
             "mvit has no bundled model in this installation; pass a model file with --model (or mvit.load(PATH))"
         )
     return BUNDLED_MODEL
-
-
-@dataclass
-class _Contents:
-    header: dict[str, str]  # the safetensors header's string metadata
-    dtypes: dict[str, str]  # tensor name -> safetensors dtype ("F32", "F16", ...)
-    tensors: dict[str, torch.Tensor]  # empty unless asked for
-
-
-def _read(path: Path, *, tensors: bool = False, only: Optional[str] = None) -> _Contents:
-    """The one place a model file is opened. Every failure, from the filesystem or from safetensors,
-    becomes one `ModelFileError` sentence naming the file. `tensors`: read them too (`only`: just
-    those whose names start with it).
-
-    The file is opened as safetensors first: its first bytes are looked at only to word the error
-    when that fails (a valid file's 8-byte header length may well begin like a pickle).
-    """
-    from safetensors import safe_open
-
-    try:
-        kind = path.stat().st_mode
-    except (OSError, ValueError) as error:
-        raise ModelFileError(_os_problem(path, error)) from None
-    if stat.S_ISDIR(kind):
-        inside = next((p for p in (path / "best.safetensors", path / "model.safetensors") if p.is_file()), None)
-        hint = f"; did you mean {inside}?" if inside else "; pass the .safetensors file itself"
-        raise ModelFileError(f"{path} is a folder, not a model file{hint}")
-    if not stat.S_ISREG(kind):
-        raise ModelFileError(f"{path} is not a regular file (a model file is a .safetensors file on disk)")
-    try:
-        with safe_open(str(path), framework="pt") as file:
-            header = dict(file.metadata() or {})
-            names = list(file.keys())
-            dtypes = {name: file.get_slice(name).get_dtype() for name in names}
-            data = {name: file.get_tensor(name) for name in names if only is None or name.startswith(only)} if tensors else {}
-    except MemoryError:
-        raise
-    except Exception as error:  # safetensors reports malformed files, and some OS errors, in its own types
-        raise ModelFileError(_why_unreadable(path, error)) from None
-    return _Contents(header, dtypes, data)
-
-
-def _os_problem(path: Path, error: Exception) -> str:
-    """One sentence for a file the operating system will not give us."""
-    if isinstance(error, FileNotFoundError):
-        return f"no model file at {path}"
-    if isinstance(error, NotADirectoryError):
-        return f"no model file at {path} (a part of that path is a file, not a folder)"
-    if isinstance(error, IsADirectoryError):
-        return f"{path} is a folder, not a model file; pass the .safetensors file itself"
-    if isinstance(error, PermissionError):
-        return f"cannot read the model file {path}: permission denied"
-    if isinstance(error, OSError) and error.strerror:
-        return f"cannot read the model file {path}: {error.strerror}"
-    return f"cannot read the model file {path}: {_first_line(error)}"
-
-
-def _why_unreadable(path: Path, error: Exception) -> str:
-    """Why safetensors could not open a file, worded from what a plain open and its first bytes say
-    (safetensors reports a permission problem as FileNotFoundError, and without an errno)."""
-    try:
-        with open(path, "rb") as file:
-            start = file.read(9)
-    except OSError as os_error:
-        return _os_problem(path, os_error)
-    # a safetensors file's JSON header follows its 8-byte length: such a file is damaged, not a pickle
-    if start.startswith(_PICKLE_MAGIC) and start[8:9] != b"{":
-        return (
-            f"{path} is a pickle file (PyTorch .pt/.pth); mvit never unpickles model files. "
-            "DeiT weights in such a file load with mvit.create_backbone(weights=PATH), which reads tensors only"
-        )
-    if isinstance(error, OSError) and not isinstance(error, FileNotFoundError):
-        return _os_problem(path, error)
-    return f"{path} is not a readable safetensors model file ({_first_line(error)}); it may be truncated or of another format"
 
 
 def _metadata(path: Path, header: dict[str, str]) -> ModelMetadata:
@@ -379,11 +302,6 @@ def _head_problems(metadata: ModelMetadata, tensors: dict[str, torch.Tensor]) ->
         if last in tensors and tensors[last].ndim == 2 and tensors[last].shape[0] != len(info.classes):
             problems.append(f"head {name!r} lists {len(info.classes)} classes but its weights give {tensors[last].shape[0]}")
     return problems
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _first_error(error: ValidationError) -> str:

@@ -10,6 +10,10 @@ This module is the loop; the parts live beside it: `tasks` (what is trained on),
 (the starting model), `optim` (optimiser, schedule, unfreezing), `batches` (each step's inputs),
 `averaging` (EMA), `epoch_metrics`, `run_folder` (files and state), `calibration` (end of run) and
 `distributed` (torchrun).
+
+Over 300 lines on purpose: the run from its checks to its last save (the epoch loop, validation,
+what each epoch records, resume state and the end-of-run calibration) reads top to bottom here;
+every part that can stand alone already lives in the modules above.
 """
 
 from __future__ import annotations
