@@ -41,6 +41,7 @@ from mvit.train.averaging import averaged_weights, make_ema
 from mvit.train.batches import SplitFeatures, decoding_workers, epoch_steps, image_batches, training_batches
 from mvit.train.calibration import calibrate_heads, run_gate
 from mvit.train.config import BUNDLED, TrainConfig
+from mvit.data.distributed import environment_rank
 from mvit.train.distributed import Processes, step_module
 from mvit.train.epoch_metrics import HeadStats, epoch_line, epoch_record
 from mvit.train.model_setup import build_model
@@ -103,11 +104,11 @@ class Trainer:
         self.processes.barrier()
 
     def say(self, message: str) -> None:
-        if int(os.environ.get("RANK", "0")) == 0:
+        if environment_rank() == 0:
             self.console.print(message, highlight=False, markup=False)  # paths are not markup
 
     def warn(self, message: str) -> None:
-        if int(os.environ.get("RANK", "0")) == 0:
+        if environment_rank() == 0:
             self.console.print(f"warning: {message}", highlight=False, markup=False)
 
     def _check_init_leaks(self) -> None:
