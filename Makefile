@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 $(BIN)/mvit: pyproject.toml examples/mvit-isic2019/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,onnx]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,onnx,serve]'
 	# The example plugin is installed for real so the tests exercise its entry point.
 	$(BIN)/python -m pip install --quiet -e examples/mvit-isic2019
 	touch $(BIN)/mvit

@@ -1,6 +1,6 @@
 """The package's layout is its design: stages import one way, and no modules import each other.
 
-registry <- nn <- data <- infer <- evaluate <- train <- cli, and a plugin imports only the
+registry <- nn <- data <- infer <- evaluate <- train <- serve <- cli, and a plugin imports only the
 registry. errors, progress and plots are leaves any stage may use; they import no other stage.
 Every import counts, including those inside functions (deferred for start-up time); imports under
 `if TYPE_CHECKING:` do not, since they never run.
@@ -15,7 +15,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "mvit"
 
-STAGES = ["registry", "nn", "data", "infer", "evaluate", "train", "cli"]
+STAGES = ["registry", "nn", "data", "infer", "evaluate", "train", "serve", "cli"]
 LEAVES = {"errors", "progress", "plots"}  # import no other part of mvit
 EXEMPT = {"mvit", "mvit.__main__"}  # the public API's lazy names and `python -m mvit` point everywhere
 

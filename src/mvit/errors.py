@@ -20,6 +20,10 @@ class ImageError(MvitError):
     """An image file that cannot be decoded."""
 
 
+class ImageTooLarge(ImageError):
+    """An image with more pixels than the limit: a decompression bomb, or not a lesion photograph."""
+
+
 class PluginError(MvitError):
     """A plugin that cannot be loaded, or a dataset or head name that no plugin provides."""
 

@@ -1,7 +1,7 @@
 """The `mvit` command line: the typer app, the commands registered on it, and `main`, the one error
 boundary every command runs inside.
 
-Each command lives in the module of its group (data, predict, evaluate, train) and only parses its
+Each command lives in the module of its group (data, predict, evaluate, train, export, serve) and only parses its
 arguments, calls the API and prints. Heavy modules (torch above all) are imported inside the commands
 that need them, so `mvit --help` and `mvit plugins` start fast.
 
@@ -29,7 +29,7 @@ import typer
 
 from typer._click import exceptions as click_errors  # typer >= 0.26 carries its own copy of click
 
-from mvit.cli import data, evaluate, export, predict, train
+from mvit.cli import data, evaluate, export, predict, serve, train
 from mvit.cli.output import error_line
 from mvit.errors import MvitError
 
@@ -76,6 +76,7 @@ app.command("calibrate")(_runs_a_model(evaluate.calibrate_command))
 app.command("train")(train.train_command)
 app.command("extract")(train.extract_command)
 app.command("export")(_runs_a_model(export.export_command))
+app.command("serve")(_runs_a_model(serve.serve_command))
 app.add_typer(data.plugins_app, name="plugins")
 app.add_typer(data.data_app, name="data")
 

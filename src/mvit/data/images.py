@@ -16,7 +16,7 @@ from typing import BinaryIO, Iterable, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from mvit.errors import ImageError
+from mvit.errors import ImageError, ImageTooLarge
 
 # Images above this many pixels are refused: a 600 MP "image" is a decompression bomb, not a lesion.
 MAX_PIXELS = 178_956_970  # Pillow's own default limit
@@ -48,19 +48,24 @@ def load_image(path: Union[str, Path]) -> Image.Image:
         raise ImageError(f"{path} cannot be read (permission denied)") from None
 
 
-def decode_image(image: EncodedImage) -> Image.Image:
-    """Decode and convert an image held in memory to RGB, or fail with one sentence naming it."""
+def decode_image(image: EncodedImage, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode and convert an image held in memory to RGB, or fail with one sentence naming it.
+    max_pixels: refuse (`ImageTooLarge`) an image with more pixels, before decoding it."""
     if not image.data:
         raise ImageError(f"{image.name} is empty (0 bytes)")
-    return _decode(io.BytesIO(image.data), image.name)
+    return _decode(io.BytesIO(image.data), image.name, max_pixels)
 
 
-def _decode(source: Union[Path, BinaryIO], name: str) -> Image.Image:
+def _decode(source: Union[Path, BinaryIO], name: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Open, fully decode and convert a file or stream to RGB; Pillow's failures become one sentence."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(source) as image:
+            with Image.open(source) as image:  # reads the header only: the size is known before decoding
+                if image.width * image.height > max_pixels:
+                    raise ImageTooLarge(
+                        f"{name} is {image.width:,} x {image.height:,} pixels, over the limit of {max_pixels:,} pixels"
+                    )
                 image.load()  # decode now, so a truncated file fails here and not later
                 return to_rgb(ImageOps.exif_transpose(image))
     except (FileNotFoundError, IsADirectoryError, PermissionError):
@@ -68,7 +73,7 @@ def _decode(source: Union[Path, BinaryIO], name: str) -> Image.Image:
     except UnidentifiedImageError:
         raise ImageError(f"{name} is not an image file mvit can read (JPEG, PNG, BMP, TIFF ...)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(f"{name} is too large to decode safely (over {MAX_PIXELS:,} pixels)") from None
+        raise ImageTooLarge(f"{name} is too large to decode safely (over {min(max_pixels, MAX_PIXELS):,} pixels)") from None
     except (OSError, SyntaxError, ValueError) as error:  # Pillow's decoders report damage in these types
         # Pillow's own words name the symptom, not always the cause ("Truncated File Read" for a bad
         # chunk in a whole file), so they are quoted as Pillow's

@@ -135,7 +135,7 @@ def logits_stream(
         yield LogitsBatch(batch.positions, logits, batch.errors, scores)
 
 
-def _predictions(
+def batch_predictions(
     model: Model, batch: LogitsBatch, ids: Sequence[Union[str, int]], thresholds: dict[str, Optional[float]], abstain: bool = False
 ) -> dict[int, list[Prediction]]:
     """Input position -> its predictions, one per head, for the decoded inputs of a batch."""
@@ -200,7 +200,7 @@ def predict_stream(
 
 def _results(model: Model, stream: Iterator[LogitsBatch], ids: list, thresholds: dict, abstain: bool) -> Iterator[ImageResult]:
     for batch in stream:
-        found = _predictions(model, batch, ids, thresholds, abstain)
+        found = batch_predictions(model, batch, ids, thresholds, abstain)
         for index in sorted([*found, *batch.errors]):
             if index in batch.errors:
                 yield ImageResult(ids[index], error=batch.errors[index])
