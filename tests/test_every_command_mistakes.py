@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -128,10 +129,29 @@ def mistakes(tmp: Path) -> dict[str, list[str]]:
         "export: unknown head": ["export", model, "-H", "dermml", "-o", str(tmp / "m.onnx")],
         "export: missing model file": ["export", missing + ".safetensors", "-o", str(tmp / "m.onnx")],
         "export: output under a regular file": ["export", model, "-o", under_file("m.onnx")],
+        "serve: any address but loopback without a token": ["serve", "-m", model, "--host", "0.0.0.0", "--port", "0"],
+        "serve: a token too short to guess-proof": ["serve", "-m", model, "--token", "secret", "--port", "0"],
+        "serve: port in use": ["serve", "-m", model, "--port", str(_busy_port())],
+        "serve: port out of range": ["serve", "-m", model, "--port", "70000"],
+        "serve: missing model file": ["serve", "-m", missing + ".safetensors", "--port", "0"],
+        "serve: batches larger than the queue": ["serve", "-m", model, "--max-batch", "64", "--max-queue", "8", "--port", "0"],
+        "serve: invalid --log-level": ["serve", "-m", model, "--log-level", "loud", "--port", "0"],
     }
     if Path("/dev/full").exists():  # writing there fails with "no space left on device"
         cases["predict: disk full"] = ["predict", "-m", model, "-f", "csv", "-o", "/dev/full", image]
     return cases
+
+
+_HELD: list[socket.socket] = []  # listening until the tests end
+
+
+def _busy_port() -> int:
+    """A loopback port another program listens on."""
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    _HELD.append(held)
+    return held.getsockname()[1]
 
 
 def commands_of_help() -> set[str]:

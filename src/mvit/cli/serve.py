@@ -69,14 +69,11 @@ def serve_command(
         else:  # each worker loads its own model: this one only checked that the file loads
             import os
 
-            from uvicorn.supervisors import Multiprocess
-
             from mvit.serve.app import SETTINGS_ENV
 
             del model
             os.environ[SETTINGS_ENV] = settings.model_dump_json()
-            worker_config = uvicorn.Config("mvit.serve.app:app_from_environment", factory=True, workers=workers, **config)
-            Multiprocess(worker_config, target=uvicorn.Server(worker_config).run, sockets=[listening]).run()
+            uvicorn.run("mvit.serve.app:app_from_environment", factory=True, workers=workers, fd=listening.fileno(), **config)
     except KeyboardInterrupt:  # Ctrl+C: the server finished its requests and stopped, as asked
         pass
     say("mvit serve stopped")

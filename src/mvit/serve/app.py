@@ -175,8 +175,10 @@ def create_app(model: Model, settings: ServeSettings) -> FastAPI:
 
     @app.get("/healthz")
     def healthz() -> dict:
-        """Alive and answering; whether the API needs a token; images waiting."""
-        return {"status": "ok", "token_required": settings.token is not None, "waiting_images": service.batcher.waiting}
+        """Alive and answering; whether the API needs a token; images waiting, and the batches run so far."""
+        batcher = service.batcher
+        return {"status": "ok", "token_required": settings.token is not None, "waiting_images": batcher.waiting,
+                "batches": batcher.batches_run, "batched_images": batcher.images_run}
 
     page = resources.files("mvit.serve") / "page"
 

@@ -74,7 +74,8 @@ class Batcher:
         self._seconds_per_image = 0.05  # a running estimate, for Retry-After
         self._thread = threading.Thread(target=self._serve, name="mvit-model", daemon=True)
         self._closed = False
-        self.batches: list[int] = []  # the size of each batch run, most recent last (bounded)
+        self.batches_run = 0  # backbone passes so far (a request of more than max_batch images takes several)
+        self.images_run = 0
 
     # ---- the requests' side -----------------------------------------------------------------------
 
@@ -172,7 +173,8 @@ class Batcher:
                 job.future.set_exception(error)
             return
         self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * (time.monotonic() - started) / len(images)
-        self.batches = [*self.batches[-255:], len(images)]
+        self.batches_run += len(parts)
+        self.images_run += len(images)
         start = 0
         for job in jobs:
             rows = slice(start, start + job.size)

@@ -15,6 +15,7 @@ from mvit.nn.precision import PRECISIONS
 
 TOKEN_ENV = "MVIT_SERVE_TOKEN"  # the token, when not given as --token (which other users can see in `ps`)
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+MIN_TOKEN_LENGTH = 16
 
 MiB = 1024 * 1024
 
@@ -37,7 +38,7 @@ class ServeSettings(BaseModel):
     model: Optional[Path] = None  # None: the model bundled with mvit
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)  # 0: any free port
-    token: Optional[str] = Field(None, min_length=16, repr=False)  # never printed, never logged
+    token: Optional[str] = Field(None, repr=False)  # never printed, never logged
     device: str = "auto"
     precision: str = "auto"
     workers: int = Field(1, ge=1, le=64)  # processes, each with its own copy of the model
@@ -57,13 +58,16 @@ class ServeSettings(BaseModel):
     def _checked(self) -> "ServeSettings":
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.token is not None and len(self.token) < MIN_TOKEN_LENGTH:
+            raise ValueError(f"a token has at least {MIN_TOKEN_LENGTH} characters, so that it cannot be guessed; "
+                             "make one with: python -c 'import secrets; print(secrets.token_urlsafe())'")
         if not is_loopback(self.host) and self.token is None:
             raise ValueError(
                 f"serving on {self.host} lets other machines call mvit, so it needs a token: "
-                f"pass --token or set {TOKEN_ENV} (16 characters or more), or serve on 127.0.0.1"
+                f"set {TOKEN_ENV} (or pass --token) to {MIN_TOKEN_LENGTH} characters or more, or serve on 127.0.0.1"
             )
         if self.max_batch > self.max_queue:
-            raise ValueError(f"max_batch ({self.max_batch}) cannot exceed max_queue ({self.max_queue})")
+            raise ValueError(f"a batch (--max-batch {self.max_batch}) cannot be larger than the queue (--max-queue {self.max_queue})")
         return self
 
     @property
