@@ -103,6 +103,12 @@ def test_health_heads_and_openapi(server, files):
     assert "/v1/attention" in spec["paths"] and "/v1/heads" in spec["paths"]
     page = server.client.get("/")
     assert page.status_code == 200 and "default-src 'self'" in page.headers["content-security-policy"]
+    assert server.client.head("/").status_code == 200
+    for docs in ("/docs", "/redoc"):  # served from this server: they work without internet
+        html = server.client.get(docs).text
+        scripts = re.findall(r'(?:src|href)="([^"]+)"', html)
+        assert scripts and all(url.startswith("/") for url in scripts), scripts
+        assert all(server.client.get(url).status_code == 200 for url in scripts)
 
 
 def test_predict_answers_as_the_command_line_does(server, files):

@@ -5,7 +5,7 @@
     POST /v1/predict     multipart `images` (one or more files), `head` (repeated, or `all`),
                          `abstain`: the records `mvit predict --format json` writes
     POST /v1/attention   multipart `image`, `head`, optional `class` and `map`: a PNG overlay
-    GET  /               the web page (static files under /static); /docs and /openapi.json
+    GET  /               the web page (static files under /static); /docs, /redoc and /openapi.json
 
 Every refusal is JSON `{"error": "<one sentence>"}` with a 4xx status (503 and Retry-After when
 overloaded); a bug is a 500 with the same shape and its traceback in the server's log, never in the
@@ -23,6 +23,7 @@ from importlib import resources
 from typing import Optional
 
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi_offline import FastAPIOffline
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -108,8 +109,10 @@ def create_app(model: Model, settings: ServeSettings) -> FastAPI:
         finally:  # after the server has finished its in-flight requests
             service.close()
 
-    app = FastAPI(title="mvit", version=__version__, lifespan=lifespan, root_path=settings.root_path,
-                  description="Classify dermoscopic skin-lesion images with one ViT backbone and many classifier heads.")
+    # FastAPI's own /docs and /redoc load their scripts from a CDN; a clinic's server may have no
+    # internet, so these serve the same pages from files installed with fastapi-offline
+    app = FastAPIOffline(title="mvit", version=__version__, lifespan=lifespan, root_path=settings.root_path,
+                         description="Classify dermoscopic skin-lesion images with one ViT backbone and many classifier heads.")
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.trusted_hosts)
     _add_error_handlers(app)
 
@@ -182,7 +185,7 @@ def create_app(model: Model, settings: ServeSettings) -> FastAPI:
 
     page = resources.files("mvit.serve") / "page"
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse, include_in_schema=False)
     def index() -> HTMLResponse:
         return HTMLResponse((page / "index.html").read_text(encoding="utf-8"), headers=PAGE_HEADERS)
 
