@@ -137,7 +137,7 @@ def test_a_failing_batch_fails_its_requests_and_the_thread_goes_on():
 def test_calls_run_on_the_model_thread_between_batches():
     batcher = started(Recorder())
     try:
-        assert batcher.call(lambda: threading.current_thread().name).result(30) == "mvit-model"
+        assert batcher.call(lambda: threading.current_thread().name).result(30).startswith("mvit-model")
         with pytest.raises(ValueError):
             batcher.call(lambda: int("x")).result(30)
     finally:
@@ -155,3 +155,37 @@ def test_close_answers_everything_handed_in_first():
     assert all(future.result(0).logits["head"].shape == (1, 2) for future in pending)
     with pytest.raises(RuntimeError, match="shutting down"):
         batcher.submit(images(9))
+
+
+def test_several_model_threads_run_batches_side_by_side():
+    started_on = []
+    both_running = threading.Barrier(2, timeout=30)
+
+    def run(batch):  # returns only once two batches are in the model at the same time
+        both_running.wait()
+        return {"head": batch[:, 0, 0, :1]}, None
+
+    batcher = Batcher(run, max_batch=1, max_wait=0.0, max_queue=8, threads=2,
+                      on_start=lambda: started_on.append(threading.current_thread().name))
+    batcher.start()
+    try:
+        first, second = batcher.submit(images(1)), batcher.submit(images(2))
+        assert first.result(30).logits["head"].item() == 1 and second.result(30).logits["head"].item() == 2
+        assert sorted(started_on) == ["mvit-model-0", "mvit-model-1"]
+    finally:
+        batcher.close()
+    assert not any(thread.is_alive() for thread in batcher._threads)
+
+
+def test_the_listening_socket_is_tcp_so_answers_are_not_delayed():
+    """asyncio sets TCP_NODELAY on connections of a socket made for IPPROTO_TCP only; without it a
+    keep-alive client's delayed ACK held each answer about 40 ms."""
+    import socket
+
+    from mvit.cli.serve import _bind
+
+    listening = _bind("127.0.0.1", 0)
+    try:
+        assert listening.proto == socket.IPPROTO_TCP
+    finally:
+        listening.close()

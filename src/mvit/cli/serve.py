@@ -28,6 +28,7 @@ def serve_command(
     device: str = device_option(),
     max_batch: int = typer.Option(DEFAULTS["max_batch"], "--max-batch", min=1, help="most images in one backbone pass"),
     max_wait_ms: float = typer.Option(DEFAULTS["max_wait_ms"], "--max-wait-ms", min=0.0, help="how long an image may wait for others to join its batch"),
+    model_threads: int = typer.Option(DEFAULTS["model_threads"], "--model-threads", min=0, max=64, help="threads running batches, sharing the cores; 0: two on a CPU, one on a GPU"),
     max_queue: int = typer.Option(DEFAULTS["max_queue"], "--max-queue", min=1, help="images accepted and not yet answered; beyond, requests get 503 and Retry-After"),
     max_upload_mb: float = typer.Option(DEFAULTS["max_upload_bytes"] / 2**20, "--max-upload-mb", min=0.001, help="largest request body, in MiB (413 above)"),
     max_images: int = typer.Option(DEFAULTS["max_images"], "--max-images", min=1, help="most files in one /v1/predict request"),
@@ -46,7 +47,7 @@ def serve_command(
     try:
         settings = ServeSettings(
             model=model_file, host=host, port=port, token=token, device=device, precision=precision.value, workers=workers,
-            max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, max_upload_bytes=round(max_upload_mb * 2**20),
+            max_batch=max_batch, max_wait_ms=max_wait_ms, model_threads=model_threads, max_queue=max_queue, max_upload_bytes=round(max_upload_mb * 2**20),
             max_images=max_images, max_pixels=max_pixels, root_path=root_path.rstrip("/"), allowed_hosts=tuple(allowed_host),
         )
     except ValidationError as error:
@@ -83,10 +84,12 @@ def serve_command(
 def _bind(host: str, port: int) -> socket.socket:
     """A socket bound to host:port, or one sentence saying why it cannot be."""
     try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        family, kind, protocol, _, _ = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except socket.gaierror:
         raise MvitError(f"--host {host} is not an address or a name this machine can resolve") from None
-    listening = socket.socket(family, socket.SOCK_STREAM)
+    # the protocol named (TCP), not left 0: asyncio then sets TCP_NODELAY on each connection, without
+    # which a keep-alive client's delayed ACK held every answer about 40 ms
+    listening = socket.socket(family, kind, protocol)
     listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         listening.bind((host, port))

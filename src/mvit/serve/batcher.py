@@ -1,16 +1,21 @@
-"""Dynamic batching: the images of concurrent requests go through the model together, in one thread.
+"""Dynamic batching: the images of concurrent requests go through the model together.
 
-Requests hand in their decoded images (n, 3, S, S) and get a future back. One model thread takes the
+Requests hand in their decoded images, n x (3, S, S), and get a future back. A model thread takes the
 oldest waiting request and, with it, whatever else is already waiting, then waits for more until the
 batch holds `max_batch` images or the oldest has waited `max_wait` seconds, and runs them as one
 backbone pass. Under load the batches fill without waiting; alone, a request waits `max_wait` at most.
+
+There may be several model threads, each running its own batches on a share of the cores: on a CPU,
+two threads with one core each answer more images per second than one with two. Small batches
+use two cores poorly, and one thread's batch runs while the other's requests are still decoding
+(measured in docs/serving.md). The model's forward keeps no state, so the threads can share it.
 
 Admission is bounded: `admit(n)` counts images from the moment a request is read until it is
 answered, and refuses (`Overloaded`, with a Retry-After estimate) beyond `max_queue`, so an overload
 becomes fast 503s instead of a queue, and memory, that grow without limit.
 
-Work that must not overlap a batch (attention maps, which need gradients) runs on the same thread
-between batches, through `call`.
+Other work on the model (attention maps) runs on a model thread too, between its batches, through
+`call`, so it shares the model threads' cores instead of taking more.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -51,7 +56,7 @@ class Overloaded(Exception):
 
 @dataclass
 class _Job:
-    images: Optional[Tensor]  # (n, 3, S, S); None for a `call`
+    images: Optional[Sequence[Tensor]]  # n x (3, S, S); None for a `call`
     future: Future = field(default_factory=Future)
     call: Optional[Callable[[], object]] = None
     arrived: float = field(default_factory=time.monotonic)
@@ -65,14 +70,16 @@ _STOP = _Job(images=None)
 
 
 class Batcher:
-    def __init__(self, run_batch: RunBatch, *, max_batch: int, max_wait: float, max_queue: int):
+    def __init__(self, run_batch: RunBatch, *, max_batch: int, max_wait: float, max_queue: int, threads: int = 1,
+                 on_start: Optional[Callable[[], None]] = None):
+        """threads: model threads; on_start: run first on each (e.g. to give it its share of the cores)."""
         self.run_batch, self.max_batch, self.max_wait, self.max_queue = run_batch, max_batch, max_wait, max_queue
         self._jobs: "queue.Queue[_Job]" = queue.Queue()  # bounded by admission, not by the queue itself
-        self._held: Optional[_Job] = None  # taken from the queue but left for the next batch
         self._admitted = 0
         self._lock = threading.Lock()
         self._seconds_per_image = 0.05  # a running estimate, for Retry-After
-        self._thread = threading.Thread(target=self._serve, name="mvit-model", daemon=True)
+        self._on_start = on_start
+        self._threads = [threading.Thread(target=self._serve, name=f"mvit-model-{k}", daemon=True) for k in range(threads)]
         self._closed = False
         self.batches_run = 0  # backbone passes so far (a request of more than max_batch images takes several)
         self.images_run = 0
@@ -80,7 +87,8 @@ class Batcher:
     # ---- the requests' side -----------------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     @property
     def waiting(self) -> int:
@@ -94,21 +102,23 @@ class Batcher:
         admission.grow(count)
         return admission
 
-    def submit(self, images: Tensor) -> Future:
-        """Images (n, 3, S, S) -> a future of their `BatchAnswer`."""
+    def submit(self, images: Sequence[Tensor]) -> Future:
+        """Images n x (3, S, S) -> a future of their `BatchAnswer`."""
         return self._put(_Job(images=images))
 
     def call(self, work: Callable[[], object]) -> Future:
-        """Run `work()` on the model thread, between batches; a future of what it returns."""
+        """Run `work()` on a model thread, between its batches; a future of what it returns."""
         return self._put(_Job(images=None, call=work))
 
     def close(self) -> None:
-        """Answer everything handed in so far, then stop the model thread."""
+        """Answer everything handed in so far, then stop the model threads."""
         if not self._closed:
             self._closed = True
-            self._jobs.put(_STOP)
-            if self._thread.is_alive():
-                self._thread.join()
+            for thread in self._threads:  # a stop for each, after the jobs already queued
+                self._jobs.put(_STOP)
+            for thread in self._threads:
+                if thread.is_alive():
+                    thread.join()
 
     def _put(self, job: _Job) -> Future:
         if self._closed:
@@ -121,7 +131,7 @@ class Batcher:
         whole queue is admitted when nothing else waits, so that no valid request is refused forever."""
         with self._lock:
             if self._admitted > held and self._admitted + count > self.max_queue:
-                wait = self._admitted * self._seconds_per_image
+                wait = self._admitted * self._seconds_per_image / len(self._threads)
                 raise Overloaded(max(1, min(60, math.ceil(wait))))
             self._admitted += count
 
@@ -132,19 +142,22 @@ class Batcher:
     # ---- the model thread ---------------------------------------------------------------------------
 
     def _serve(self) -> None:
+        if self._on_start is not None:
+            self._on_start()
+        held: Optional[_Job] = None  # taken from the queue by this thread but left for its next batch
         while True:
-            first = self._held or self._jobs.get()
-            self._held = None
+            first, held = held or self._jobs.get(), None
             if first is _STOP:
                 return
             if first.call is not None:
                 _settle(first.future, first.call)
                 continue
-            self._run(self._gather(first))
+            jobs, held = self._gather(first)
+            self._run(jobs)
 
-    def _gather(self, first: _Job) -> list[_Job]:
+    def _gather(self, first: _Job) -> tuple[list[_Job], Optional[_Job]]:
         """`first` and the jobs that join it: all those already waiting, then those arriving until
-        `first` has waited max_wait, up to max_batch images. One that does not fit waits for the next."""
+        `first` has waited max_wait, up to max_batch images; and the job taken that did not fit."""
         jobs, count = [first], first.size
         deadline = first.arrived + self.max_wait
         while count < self.max_batch:
@@ -153,16 +166,15 @@ class Batcher:
             except queue.Empty:
                 break
             if job is _STOP or job.call is not None or count + job.size > self.max_batch:
-                self._held = job
-                break
+                return jobs, job
             jobs.append(job)
             count += job.size
-        return jobs
+        return jobs, None
 
     def _run(self, jobs: list[_Job]) -> None:
         started = time.monotonic()
         try:
-            images = torch.cat([job.images for job in jobs])  # (B, 3, S, S)
+            images = torch.stack([image for job in jobs for image in job.images])  # (B, 3, S, S)
             # one request of more than max_batch images runs alone, in max_batch slices
             parts = [self.run_batch(images[start : start + self.max_batch]) for start in range(0, len(images), self.max_batch)]
             logits = {name: torch.cat([part[0][name] for part in parts]) for name in parts[0][0]}
@@ -173,8 +185,9 @@ class Batcher:
                 job.future.set_exception(error)
             return
         self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * (time.monotonic() - started) / len(images)
-        self.batches_run += len(parts)
-        self.images_run += len(images)
+        with self._lock:
+            self.batches_run += len(parts)
+            self.images_run += len(images)
         start = 0
         for job in jobs:
             rows = slice(start, start + job.size)

@@ -59,9 +59,15 @@ class Service:
         def run_batch(images: Tensor):  # (B, 3, S, S) -> every head's logits and the gate's scores
             return forward_images(model, images.to(device), every_head, tta=False, dtype=dtype, backbone=backbone)
 
+        threads = model_threads(settings.model_threads, device)
+        cores = max(1, torch.get_num_threads() // threads)
+
+        def on_start() -> None:  # each model thread its share of torch's cores (OpenMP's count is per thread)
+            torch.set_num_threads(cores)
+
         self._transform = transform
         self.batcher = Batcher(run_batch, max_batch=settings.max_batch, max_wait=settings.max_wait_ms / 1000,
-                               max_queue=settings.max_queue)
+                               max_queue=settings.max_queue, threads=threads, on_start=on_start if threads > 1 else None)
         self._decoders = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="mvit-decode")
 
     def start(self) -> None:
@@ -88,7 +94,7 @@ class Service:
             raise ApiError(422, "abstaining needs a model with an out-of-distribution gate, and this one has none; leave out `abstain`")
         thresholds = thresholds_for(self.model.heads, heads, None)
         images = await self._decoded(uploads, self._prepare)  # n x (3, S, S)
-        answer = await asyncio.wrap_future(self.batcher.submit(torch.stack(images)))
+        answer = await asyncio.wrap_future(self.batcher.submit(images))
         batch = LogitsBatch(list(range(len(uploads))), {name: answer.logits[name] for name in heads}, {}, answer.ood_scores)
         found = batch_predictions(self.model, batch, [upload.name for upload in uploads], thresholds, abstain)
         return [prediction.as_dict() for index in range(len(uploads)) for prediction in found[index]]
@@ -140,6 +146,14 @@ def admitted(batcher: Batcher, count: int):
             yield admission
     except Overloaded as busy:
         raise ApiError(503, str(busy), {"Retry-After": str(busy.retry_after)}) from None
+
+
+def model_threads(setting: int, device: torch.device) -> int:
+    """The model threads to run: the setting, or by default two on a CPU with two cores or more (each
+    with half the cores) and one on a GPU, which one thread keeps busy."""
+    if setting:
+        return setting
+    return 2 if device.type == "cpu" and torch.get_num_threads() >= 2 else 1
 
 
 def _overlay_png(maps, view: str) -> bytes:

@@ -51,6 +51,7 @@ class ServeSettings(BaseModel):
     max_images: int = Field(64, ge=1)  # files in one /v1/predict request
     max_pixels: int = Field(50_000_000, ge=1)  # per image, read from its header before decoding (413 above)
     decode_threads: int = Field(2, ge=1, le=64)  # images decoded at once: bounds the memory decoding takes
+    model_threads: int = Field(0, ge=0, le=64)  # threads running batches; 0: two on a CPU (two cores or more), one on a GPU
     root_path: str = ""  # the path prefix a reverse proxy serves mvit under
     allowed_hosts: tuple[str, ...] = ()  # Host headers accepted; empty: the loopback names when on loopback, else any
 
