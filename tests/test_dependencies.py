@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import importlib.metadata
+import re
 import sys
 import tomllib
 from pathlib import Path
@@ -28,7 +29,12 @@ def declared_distributions() -> set[str]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     # an optional extra counts (e.g. `mvit[onnx]`): the module importing it says how to install it
     extras = [line for name, lines in project.get("optional-dependencies", {}).items() if name != "dev" for line in lines]
-    return {Requirement(line).name.lower() for line in [*project["dependencies"], *extras]}
+    return {normalised(Requirement(line).name) for line in [*project["dependencies"], *extras]}
+
+
+def normalised(name: str) -> str:
+    """A distribution's name as PyPI compares them: `FastAPI_Offline` is `fastapi-offline`."""
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def test_every_imported_package_is_declared():
@@ -37,6 +43,6 @@ def test_every_imported_package_is_declared():
     undeclared = {
         module: providers.get(module, ["(not installed)"])
         for module in sorted(imported_top_level_modules(ROOT / "src" / "mvit"))
-        if not {name.lower() for name in providers.get(module, [])} & declared
+        if not {normalised(name) for name in providers.get(module, [])} & declared
     }
     assert undeclared == {}

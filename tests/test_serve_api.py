@@ -336,10 +336,17 @@ def test_any_address_but_loopback_needs_a_token(files, tmp_path):
 
 def test_several_worker_processes_answer(files, tmp_path):
     server = start_server("--model", str(files["model"]), "--workers", "2", log=tmp_path / "log")
+
+    def started() -> int:
+        return server.log.read_text().count("Application startup complete")
+
     try:
+        deadline = time.monotonic() + 120
+        while started() < 2 and time.monotonic() < deadline:  # the first may answer before the second is up
+            time.sleep(0.2)
+        assert len(set(re.findall(r"Started server process \[(\d+)\]", server.log.read_text()))) == 2
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             answers = list(pool.map(lambda _: predict_ok(server, files), range(8)))
         assert all(answer == answers[0] for answer in answers)
-        assert len(set(re.findall(r"Started server process \[(\d+)\]", server.log.read_text()))) == 2
     finally:
         server.stop()
