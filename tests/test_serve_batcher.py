@@ -3,6 +3,7 @@ that a failure or a shutdown answers every request handed in."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -20,8 +21,10 @@ class Recorder:
     def __init__(self, gate: threading.Event | None = None):
         self.sizes: list[int] = []
         self.gate = gate  # when set: each batch waits for it, to hold the model thread busy
+        self.entered = threading.Event()  # a batch has reached the model
 
     def __call__(self, images: torch.Tensor):
+        self.entered.set()
         if self.gate is not None:
             self.gate.wait(30)
         self.sizes.append(len(images))
@@ -53,20 +56,29 @@ def test_each_request_gets_its_own_rows_back():
         batcher.close()
 
 
-def test_requests_waiting_together_share_one_backbone_pass():
+@contextlib.contextmanager
+def busy_model(**options):
+    """A batcher whose one model thread is busy with a first request (image 0) until `release()`,
+    so that what is submitted meanwhile queues up: (batcher, recorder, the first future, release)."""
     gate = threading.Event()
     run = Recorder(gate)
-    batcher = started(run, max_batch=8, max_wait=0.0)
+    batcher = started(run, **options)
     try:
-        busy = batcher.submit(images(0))  # holds the model thread while the others queue up
-        time.sleep(0.2)
-        waiting = [batcher.submit(images(k)) for k in (1, 2, 3)]
+        busy = batcher.submit(images(0))
+        assert run.entered.wait(30)
+        yield batcher, run, busy, gate.set
+    finally:
         gate.set()
+        batcher.close()
+
+
+def test_requests_waiting_together_share_one_backbone_pass():
+    with busy_model(max_batch=8) as (batcher, run, busy, release):
+        waiting = [batcher.submit(images(k)) for k in (1, 2, 3)]
+        release()
         answers = [future.result(30) for future in [busy, *waiting]]
         assert run.sizes == [1, 3]  # the three queued requests went through together
         assert [answer.logits["head"][0, 0].item() for answer in answers] == [0, 1, 2, 3]
-    finally:
-        batcher.close()
 
 
 def test_a_lone_request_waits_for_company_up_to_max_wait():
@@ -83,22 +95,15 @@ def test_a_lone_request_waits_for_company_up_to_max_wait():
 
 
 def test_a_batch_never_exceeds_max_batch_and_a_large_request_runs_in_slices():
-    gate = threading.Event()
-    run = Recorder(gate)
-    batcher = started(run, max_batch=4, max_wait=0.0)
-    try:
-        busy = batcher.submit(images(0))
-        time.sleep(0.2)
+    with busy_model(max_batch=4) as (batcher, run, busy, release):
         small = [batcher.submit(images(k, k)) for k in (1, 2, 3)]  # 2 + 2 fit, the third waits
         large = batcher.submit(images(*range(10, 20)))  # 10 images alone, in slices of 4
-        gate.set()
+        release()
         for future in [busy, *small]:
             future.result(30)
         assert large.result(30).logits["head"][:, 0].tolist() == list(range(10, 20))
         assert run.sizes == [1, 4, 2, 4, 4, 2]
         assert max(run.sizes) <= 4
-    finally:
-        batcher.close()
 
 
 def test_admission_is_bounded_and_released():
