@@ -347,6 +347,9 @@ def test_several_worker_processes_answer(files, tmp_path):
         assert len(set(re.findall(r"Started server process \[(\d+)\]", server.log.read_text()))) == 2
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             answers = list(pool.map(lambda _: predict_ok(server, files), range(8)))
-        assert all(answer == answers[0] for answer in answers)
+        for answer in answers:  # the same, up to the rounding that batch composition moves
+            for mine, first in zip(answer, answers[0]):
+                assert mine["label"] == first["label"]
+                assert mine["probabilities"] == pytest.approx(first["probabilities"], abs=1e-5)
     finally:
         server.stop()
