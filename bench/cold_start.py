@@ -43,7 +43,7 @@ def find_image(folder: Path) -> Path | None:
 
 
 def synthetic_image(folder: Path) -> Path:
-    """A smooth lesion-like JPEG, 300 x 225 px (as the HAM10000 images here)."""
+    """A smooth lesion-like JPEG, 300 x 225 px (as most HAM10000 images here; some are 600 x 450)."""
     import numpy as np
     from PIL import Image
 

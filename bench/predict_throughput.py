@@ -1,6 +1,6 @@
 """`mvit predict` end to end against the bare backbone forward, side by side in one run.
 
-Generates JPEGs in a temporary folder (lesion-like: a dark blob on skin tones, 300 x 225 px like the
+Generates JPEGs in a temporary folder (lesion-like: a dark blob on skin tones, 300 x 225 px like most of the
 HAM10000 images in ../shared/data, JPEG quality 90), builds a random-weight model with every head
 the installed plugins declare, and measures images/s for:
 
