@@ -1,5 +1,8 @@
 """Shared fixtures: small backbones and models that build in milliseconds."""
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -7,6 +10,10 @@ from mvit.infer.model import HeadInfo, Model
 from mvit.data.transforms import Preprocessing
 from mvit.nn.vit import VisionTransformer, ViTConfig
 from mvit.registry.specs import HeadConfig
+
+# the real dermoscopic images (../shared/data beside the repository, or $MVIT_SHARED_DATA): never
+# copied into the repository; the tests that read them skip where they are absent
+SHARED_DATA = Path(os.environ.get("MVIT_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 
 TINY = ViTConfig(image_size=32, patch_size=8, width=48, depth=2, num_heads=4)
 

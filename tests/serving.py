@@ -14,13 +14,13 @@ from typing import Optional
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("MVIT_SHARED_DATA") or ROOT.parent / "shared" / "data")
+from conftest import SHARED_DATA
+
 
 
 def real_images(count: int) -> list[Path]:
     """`count` real dermoscopic JPEGs from ../shared/data (HAM10000), or [] where it is absent."""
-    folder = DATA / "ham10000" / "HAM10000_images_part_1"
+    folder = SHARED_DATA / "ham10000" / "HAM10000_images_part_1"
     return sorted(folder.glob("*.jpg"))[:count] if folder.is_dir() else []
 
 

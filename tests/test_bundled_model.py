@@ -1,11 +1,10 @@
 """The model bundled with mvit loads without arguments, has its five heads and predicts sensibly."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 import mvit
+from conftest import SHARED_DATA
 from training_data import paint
 
 HEADS = {"dermmel", "ham10000", "ham10000-mel", "ph2", "ph2-mel"}
@@ -53,7 +52,7 @@ def test_the_bundled_gate_flags_a_photograph(bundled):
     assert predictions[0].ood_score > bundled.ood_gate.threshold
 
 
-REAL_LESION = Path(__file__).resolve().parents[2] / "shared" / "data" / "ham10000" / "HAM10000_images_part_1" / "ISIC_0024306.jpg"
+REAL_LESION = SHARED_DATA / "ham10000" / "HAM10000_images_part_1" / "ISIC_0024306.jpg"
 
 
 @pytest.mark.real_data

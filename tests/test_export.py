@@ -8,7 +8,6 @@ user runs without mvit, so the documentation is tested too: its preprocessing mu
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ pytest.importorskip("onnx", reason="the onnx extra is not installed (pip install
 pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip install 'mvit[onnx]')")
 
 from clirun import call_mvit  # noqa: E402
-from conftest import TINY, tiny_model  # noqa: E402
+from conftest import SHARED_DATA, TINY, tiny_model  # noqa: E402
 from mvit.data.transforms import Preprocessing, eval_transform  # noqa: E402
 from mvit.infer import model_file  # noqa: E402
 from mvit.infer.export import GATE_OUTPUT, METADATA_KEY, check_export, export_onnx, read_metadata  # noqa: E402
@@ -32,7 +31,7 @@ from mvit.nn.vit import VisionTransformer  # noqa: E402
 from mvit.registry.specs import HeadConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("MVIT_SHARED_DATA") or ROOT.parent / "shared" / "data")
+DATA = SHARED_DATA
 TOLERANCE = 1e-4  # max |p_onnx - p_torch| per head, as the issue asks
 
 

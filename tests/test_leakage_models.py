@@ -22,6 +22,7 @@ from mvit.registry.leakage import TrainingImages, content_hash, hash64, isic_num
 from mvit.train import trainer as training
 from mvit.train.tasks import TRAIN, build_tasks
 from clirun import call_mvit, run_mvit
+from conftest import SHARED_DATA
 from test_train import tiny_config
 from training_data import make_learnable_dermmel, make_learnable_ph2
 
@@ -183,7 +184,7 @@ def test_the_backfill_script_rebuilds_a_runs_record(trained, dermmel_root, tmp_p
     assert model_file.read_metadata(tmp_path / "new.safetensors").provenance["training"][-1]["training_images"] == {"dermmel": 22}
 
 
-REAL_DATA = Path("/work/shared/data")
+REAL_DATA = SHARED_DATA
 
 
 @pytest.mark.skipif(not (REAL_DATA / "ham10000").is_dir(), reason="the real datasets are not on this machine")

@@ -5,17 +5,16 @@ Skipped with a reason where the folder is absent; point MVIT_SHARED_DATA at it e
 
 from __future__ import annotations
 
-import os
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
 from clirun import call_mvit
+from conftest import SHARED_DATA
 from mvit.registry import leakage, manager, splits
 from mvit.registry.records import load_samples
 
-DATA = Path(os.environ.get("MVIT_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+DATA = SHARED_DATA
 
 pytestmark = [
     pytest.mark.real_data,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -78,7 +77,6 @@ def serve_command(
     except KeyboardInterrupt:  # Ctrl+C: the server finished its requests and stopped, as asked
         pass
     say("mvit serve stopped")
-    sys.stdout.flush()
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hmac
 import json
 import os
+import urllib.parse
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Optional
@@ -33,7 +34,8 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from mvit import __version__
 from mvit.infer.model import Model
-from mvit.serve.service import ATTENTION_MAPS, Service, admitted, header_value
+from mvit.infer.prediction import thresholds_for
+from mvit.serve.service import ATTENTION_MAPS, Service, admitted
 from mvit.serve.settings import ServeSettings
 from mvit.serve.uploads import ApiError, read_form
 
@@ -129,9 +131,7 @@ def create_app(model: Model, settings: ServeSettings) -> FastAPI:
     @api.get("/heads", response_model=HeadsBody)
     def heads() -> HeadsBody:
         """The model's heads, with what a client needs to read their answers."""
-        chosen = service.heads(["all"])
-        from mvit.infer.prediction import thresholds_for
-
+        chosen = list(model.heads)
         thresholds = thresholds_for(model.heads, chosen, None)
         return HeadsBody(
             heads=[HeadDescription(**model.heads[name].model_dump(include=set(HeadDescription.model_fields) - {"threshold", "classes"}),
@@ -218,6 +218,11 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def bug(request: Request, error: Exception) -> JSONResponse:
         # Starlette re-raises it after this answer, and the server logs it with its traceback
         return refuse(500, "mvit failed on this request; the server's log has the details")
+
+
+def header_value(text: str) -> str:
+    """Text for an HTTP header (latin-1 only), percent-encoded where it is not plain ASCII."""
+    return urllib.parse.quote(text, safe=" -_.,;:()")
 
 
 def app_from_environment() -> FastAPI:

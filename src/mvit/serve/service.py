@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
@@ -22,7 +21,7 @@ from torch import Tensor
 
 from mvit.data.images import EncodedImage, decode_image
 from mvit.data.transforms import eval_transform
-from mvit.errors import ConfigError, ImageError, ImageTooLarge, UnknownHeadError
+from mvit.errors import ImageError, ImageTooLarge, UnknownHeadError
 from mvit.infer.attention import attention_maps
 from mvit.infer.model import Model
 from mvit.infer.predict import LogitsBatch, batch_predictions, forward_images
@@ -54,7 +53,6 @@ class Service:
         dtype = autocast_dtype(settings.precision, device)
         backbone = int8_backbone(model) if settings.precision == "int8" else None
         every_head = list(model.heads)
-        transform = eval_transform(model.preprocessing)
 
         def run_batch(images: Tensor):  # (B, 3, S, S) -> every head's logits and the gate's scores
             return forward_images(model, images.to(device), every_head, tta=False, dtype=dtype, backbone=backbone)
@@ -65,7 +63,7 @@ class Service:
         def on_start() -> None:  # each model thread its share of torch's cores (OpenMP's count is per thread)
             torch.set_num_threads(cores)
 
-        self._transform = transform
+        self._transform = eval_transform(model.preprocessing)
         self.batcher = Batcher(run_batch, max_batch=settings.max_batch, max_wait=settings.max_wait_ms / 1000,
                                max_queue=settings.max_queue, threads=threads, on_start=on_start if threads > 1 else None)
         self._decoders = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="mvit-decode")
@@ -160,14 +158,7 @@ def _overlay_png(maps, view: str) -> bytes:
     """The map over the image, encoded as PNG: (H, W, 3) uint8 -> bytes."""
     from mvit import plots
 
-    heatmap = getattr(maps, view)
-    if heatmap is None:  # pragma: no cover - every request names a head, so the class-specific map exists
-        raise ConfigError(f"no {view} map was computed")
-    buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(plots.overlay(maps.rgb, heatmap, maps.crop_box))).save(buffer, format="PNG")
+    buffer = io.BytesIO()  # every request names a head, so the class-specific map is there too
+    Image.fromarray(np.ascontiguousarray(plots.overlay(maps.rgb, getattr(maps, view), maps.crop_box))).save(buffer, format="PNG")
     return buffer.getvalue()
 
-
-def header_value(text: str) -> str:
-    """Text for an HTTP header (latin-1 only), percent-encoded where it is not plain ASCII."""
-    return urllib.parse.quote(text, safe=" -_.,;:()")

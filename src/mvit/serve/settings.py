@@ -5,7 +5,6 @@ process answering under hostile or heavy use. Validated once, before the model i
 from __future__ import annotations
 
 import ipaddress
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -79,6 +78,3 @@ class ServeSettings(BaseModel):
             return list(self.allowed_hosts)
         return [*LOOPBACK_NAMES, "[::1]"] if is_loopback(self.host) else ["*"]
 
-
-def token_from_environment() -> Optional[str]:
-    return os.environ.get(TOKEN_ENV) or None
