@@ -46,6 +46,8 @@ def load_image(path: Union[str, Path]) -> Image.Image:
         raise ImageError(f"{path} is a folder, not an image") from None
     except PermissionError:
         raise ImageError(f"{path} cannot be read (permission denied)") from None
+    except OSError as error:  # a symbolic link that loops, a name too long, a failing disk: this file only
+        raise ImageError(f"{path} cannot be read ({(error.strerror or str(error)).lower()})") from None
 
 
 def decode_image(image: EncodedImage, max_pixels: int = MAX_PIXELS) -> Image.Image:
