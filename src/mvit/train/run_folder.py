@@ -4,13 +4,16 @@ provenance), curves.png, and state.pt, which lets `--resume` continue exactly wh
 A run folder is addressed by where it is, never by where it was: `--resume DIR` reads and writes
 DIR's files only, whatever output its config.json recorded (a copied run resumes into the copy, a
 moved one reads only its own files). Every file is written aside and renamed into place, so a kill
-or a full disk leaves the previous version whole; a write that fails is one sentence.
+or a full disk leaves the previous version whole; a write that fails is one sentence. A run holds
+its folder with an exclusive lock (on `.lock` inside it) from its start or resume to its end, so a
+second run into the same folder is refused instead of mixing its files with the first one's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import math
 import os
@@ -27,6 +30,7 @@ from mvit.registry.leakage import TrainingImages, recorded_training_images
 from mvit.train.config import TrainConfig, validate_config
 
 STATE_FILE = "state.pt"
+LOCK_FILE = ".lock"  # locked (flock) while a run writes the folder; the file itself says nothing
 STATE_KEYS = ("epoch", "model", "optimizer", "schedule", "best_score", "best_epoch", "bad_epochs")
 # what a head carries until the end-of-run calibration fits it for these weights
 UNCALIBRATED = {"temperature": 1.0, "threshold": None, "threshold_target": None, "calibrated": False}
@@ -40,16 +44,40 @@ class RunFolder:
         self.metrics = self.path / "metrics.jsonl"
         self.last, self.best = self.path / "last.safetensors", self.path / "best.safetensors"
         self.state = self.path / STATE_FILE
+        self._lock = None  # the open lock file while this process holds the folder
 
     def start(self, config: TrainConfig) -> None:
-        """A new run: refuses a folder that holds one, writes config.json and an empty metrics.jsonl."""
-        if self.state.exists():
-            raise ConfigError(f"{self.path} already holds a run; resume it with `mvit train --resume {self.path}` or choose another output")
+        """A new run: takes the folder, refuses one that holds a run, writes config.json and an empty metrics.jsonl."""
         with self.writing(self.path, "the run folder"):
             self.path.mkdir(parents=True, exist_ok=True)
         self.check_writable()
+        self.lock()  # first: a run still writing here is refused as in use, not as one to resume
+        if self.state.exists():
+            self.release()
+            raise ConfigError(f"{self.path} already holds a run; resume it with `mvit train --resume {self.path}` or choose another output")
         self._write_text(self.path / "config.json", config.model_dump_json(indent=2))
         self._write_text(self.metrics, "")
+
+    def lock(self) -> None:
+        """Hold the folder until `release` (or this process ends): a second run into it is refused,
+        whether it starts or resumes. Only the process that writes the folder (rank 0) takes it."""
+        if self._lock is not None:
+            return
+        path = self.path / LOCK_FILE
+        with self.writing(path, "the run folder's lock file"):
+            handle = open(path, "a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise ConfigError(f"{self.path} is in use by another training run; wait for it to finish, "
+                              f"or choose another output (--output DIR)") from None
+        self._lock = handle
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # closing the file drops the lock
+            self._lock = None
 
     def check_writable(self) -> None:
         """The folder exists and takes new files (checked before any work that would be lost)."""

@@ -52,13 +52,21 @@ from mvit.train.tasks import TRAIN, VALID, Task, build_tasks, check_validation
 
 def train(config: TrainConfig, *, resume: bool = False, console=None) -> Path:
     """Train as `config` says; returns the best model file (calibrated on the validation split)."""
-    return Trainer(config, console=console, resume=resume).run()
+    return _run_and_release(Trainer(config, console=console, resume=resume))
 
 
 def resume(run: Path, *, console=None) -> Path:
     """Continue the run in folder `run` where it stopped: `run` itself, wherever it now is (never
     the output its config.json recorded)."""
-    return Trainer(open_run(run), console=console, resume=True).run()
+    return _run_and_release(Trainer(open_run(run), console=console, resume=True))
+
+
+def _run_and_release(trainer: Trainer) -> Path:
+    """The run, then its folder free for a resume or another run, however the run ended."""
+    try:
+        return trainer.run()
+    finally:
+        trainer.folder.release()
 
 
 class Trainer:
@@ -95,13 +103,19 @@ class Trainer:
                                       workers=self._workers)
         self.history: list[dict] = []
         self.start_epoch, self.best_score, self.best_epoch, self.bad_epochs = 0, -math.inf, -1, 0
-        if resume:
-            self._load_state()
-        elif self.processes.main:
-            self.folder.start(config)
-        if self.processes.main:
-            self.cache.prepare()
-        self.processes.barrier()
+        if resume and self.processes.main:
+            self.folder.lock()  # held until the run ends: a second run into this folder is refused
+        try:
+            if resume:
+                self._load_state()
+            elif self.processes.main:
+                self.folder.start(config)  # takes the folder's lock as well
+            if self.processes.main:
+                self.cache.prepare()
+            self.processes.barrier()
+        except BaseException:
+            self.folder.release()
+            raise
 
     def say(self, message: str) -> None:
         if environment_rank() == 0:
