@@ -312,7 +312,7 @@ def test_a_cache_from_before_the_checksums_is_moved_aside_and_rebuilt(tmp_path, 
     FeatureCache(path).extract(net, PRE, images, device=CPU, batch_size=4)
     with h5py.File(path, "r+") as file:
         (group,) = file.values()
-        del group["checksums"]  # the layout of CACHE_FORMAT 1
+        del group["checksums"]  # the layout an mvit from before the checksums wrote
     warnings = []
     assert FeatureCache(path, warn=warnings.append).extract(net, PRE, images, device=CPU, batch_size=4) == 10
     assert len(warnings) == 1 and "older mvit" in warnings[0]

@@ -42,7 +42,9 @@ from mvit.data.transforms import Preprocessing, eval_transform
 from mvit.nn.vit import VisionTransformer
 from mvit.registry.leakage import content_hash
 
-CACHE_FORMAT = 2  # 2: a checksum per row
+# in every fingerprint, which model files also record (their reference bank), so kept at 1: a file
+# from before the checksums is told by its layout (no `checksums`), and moved aside and rebuilt
+CACHE_FORMAT = 1
 CHUNK = 256  # images per committed chunk
 KEY_CHUNK = 1024  # rows per HDF5 chunk of `keys` and `checksums`
 METADATA_ROOM = 64 * 1024  # bytes claimed beyond the rows' own, for HDF5's index and headers
