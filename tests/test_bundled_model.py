@@ -38,8 +38,13 @@ def test_bundled_model_predicts_probabilities_for_every_head(bundled, tmp_path):
 
 def test_bundled_model_records_its_training(bundled):
     training = bundled.provenance["training"]
-    assert [run["config"]["datasets"][0]["name"] for run in training] == ["ham10000", "ph2"]
+    # stage 1 (the backbone), stage 2 (PH2's heads), round three (every head refitted in closed form)
+    assert [[d["name"] for d in run["config"]["datasets"]] for run in training] == [
+        ["ham10000", "dermmel"], ["ph2"], ["ham10000", "dermmel", "ph2"]]
     assert set(bundled.provenance["splits"]) == {"ham10000", "dermmel", "ph2"}
+    # round three records what its heads were fitted on, for `mvit adapt`, and each head's penalty
+    assert set(bundled.reference.info.heads) == set(bundled.heads)
+    assert all(info.l2_strength is not None for info in bundled.heads.values())
 
 
 def test_the_bundled_gate_flags_a_photograph(bundled):

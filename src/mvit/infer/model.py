@@ -15,6 +15,8 @@ from mvit.infer.attention import AttentionMaps, attention_maps
 from mvit.infer.ood import OODGate
 from mvit.infer.predict import predict
 from mvit.infer.prediction import Prediction
+from mvit.infer.reference import ReferenceFeatures
+from mvit.infer.sites import Site
 from mvit.nn.heads import ClassifierHead, HeadInfo
 from mvit.nn.vit import VisionTransformer
 from mvit.registry.specs import HeadSpec
@@ -33,6 +35,10 @@ class Model(nn.Module):
         # the out-of-distribution gate on a backbone feature (None: no gate; see ood.py). A plain
         # object, so its tensors are saved by model_file.save but are not in state_dict()
         self.ood_gate: Optional[OODGate] = None
+        # the features the heads were fitted on, for `mvit adapt` (None: not recorded); a plain object too
+        self.reference: Optional[ReferenceFeatures] = None
+        self.sites: dict[str, Site] = {}  # site profiles by name (`sites.py`), fitted by `mvit adapt`
+        self.site: Optional[str] = None  # the site this model answers as (`with_site`); None: the base heads
 
     # ---- heads ------------------------------------------------------------------------------
 
@@ -84,6 +90,27 @@ class Model(nn.Module):
                 )
         return names
 
+    # ---- sites ------------------------------------------------------------------------------
+
+    def with_site(self, site: Optional[str]) -> "Model":
+        """The model as site `site` sees it: its heads where the site adapted them (weights,
+        temperature, threshold), the base heads elsewhere, and the same backbone (shared, not copied).
+        None: this model itself."""
+        if site is None:
+            return self
+        if site not in self.sites:
+            have = ", ".join(self.sites) or "none"
+            raise UnknownHeadError(f"this model has no site {site!r} (it has: {have}); "
+                                   f"fit one with `mvit adapt --site {site} --labels CSV`")
+        profile = self.sites[site]
+        view = Model(self.backbone, self.preprocessing)
+        for name, info in self._head_info.items():
+            view.classifiers[name] = profile.classifiers.get(name, self.classifiers[name])
+            view._head_info[name] = profile.info.heads.get(name, info)
+        view.provenance, view.ood_gate, view.reference, view.sites = self.provenance, self.ood_gate, self.reference, self.sites
+        view.site = site
+        return view.train(self.training)
+
     # ---- computation ------------------------------------------------------------------------
 
     def head_logits(self, features: Tensor, heads: Union[None, str, Iterable[str]] = None) -> dict[str, Tensor]:
@@ -103,10 +130,13 @@ class Model(nn.Module):
 
     # ---- the friendly API (implemented in predict.py and attention.py) -------------------------
 
-    def predict(self, images: ImageInput, head: Union[None, str, Iterable[str]] = None, **options) -> list[Prediction]:
-        """Predictions for paths, PIL images, arrays or tensors; see `mvit.infer.predict.predict`."""
-        return predict(self, images, head=head, **options)
+    def predict(self, images: ImageInput, head: Union[None, str, Iterable[str]] = None, *, site: Optional[str] = None,
+                **options) -> list[Prediction]:
+        """Predictions for paths, PIL images, arrays or tensors (`site`: answer with that site's heads);
+        see `mvit.infer.predict.predict`."""
+        return predict(self.with_site(site), images, head=head, **options)
 
-    def attention(self, images: ImageInput, head: Optional[str] = None, **options) -> list[AttentionMaps]:
-        """Attention maps for images; see `mvit.infer.attention.attention_maps`."""
-        return attention_maps(self, images, head=head, **options)
+    def attention(self, images: ImageInput, head: Optional[str] = None, *, site: Optional[str] = None,
+                  **options) -> list[AttentionMaps]:
+        """Attention maps for images (`site`: of that site's head); see `mvit.infer.attention.attention_maps`."""
+        return attention_maps(self.with_site(site), images, head=head, **options)

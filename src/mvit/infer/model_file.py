@@ -29,6 +29,10 @@ from mvit.data.transforms import Preprocessing
 from mvit.nn.vit import VisionTransformer, ViTConfig
 from mvit.errors import ModelFileError
 from mvit.infer.model_opener import read as read_model_file
+from mvit.infer.reference import TENSOR_PREFIX as REFERENCE_PREFIX
+from mvit.infer.reference import ReferenceFeatures, ReferenceInfo
+from mvit.infer.sites import TENSOR_PREFIX as SITE_PREFIX
+from mvit.infer.sites import Site, SiteInfo, check_site_heads
 from mvit.registry.leakage import TrainingImages
 
 FORMAT = "mvit-model"
@@ -55,6 +59,9 @@ class ModelMetadata(BaseModel):
     provenance: dict[str, Any] = {}  # mvit version, creation time, training runs, training images (a summary)
     # the out-of-distribution gate, its tensors stored as `ood.*`; None (and absent in older files): no gate
     ood_gate: Optional[GateInfo] = None
+    # the features the heads were fitted on, its tensors stored as `reference.*`; None: not recorded
+    reference: Optional[ReferenceInfo] = None
+    sites: dict[str, SiteInfo] = {}  # site profiles (`mvit adapt`), their heads' tensors stored as `site.<name>.*`
 
     @model_validator(mode="after")
     def _consistent(self) -> "ModelMetadata":
@@ -62,6 +69,10 @@ class ModelMetadata(BaseModel):
         for key, info in self.heads.items():
             if key != info.name:
                 raise ValueError(f"the head stored as {key!r} calls itself {info.name!r}")
+        for key, site in self.sites.items():
+            problem = f"the site stored as {key!r} calls itself {site.name!r}" if key != site.name else check_site_heads(site, self.heads)
+            if problem:
+                raise ValueError(problem)
         p = self.preprocessing
         if not all(math.isfinite(v) for v in (*p.mean, *p.std)) or min(p.std) <= 0:
             raise ValueError(f"preprocessing needs finite means and positive standard deviations, got mean {p.mean}, std {p.std}")
@@ -101,6 +112,8 @@ def save(model: Model, path: Union[str, Path], *, half: bool = False, provenance
         heads=dict(model.heads),
         provenance=provenance,
         ood_gate=None if model.ood_gate is None else model.ood_gate.info,
+        reference=None if model.reference is None else model.reference.info,
+        sites={name: site.info for name, site in model.sites.items()},
     )
     tensors = {}
     for name, tensor in model.state_dict().items():
@@ -108,6 +121,10 @@ def save(model: Model, path: Union[str, Path], *, half: bool = False, provenance
         tensors[name] = (tensor.half() if half and tensor.is_floating_point() else tensor).contiguous()
     if model.ood_gate is not None:
         tensors.update(model.ood_gate.tensors_to_save())  # `ood.*`: never a state_dict name
+    if model.reference is not None:
+        tensors.update(model.reference.tensors_to_save())  # `reference.*`
+    for site in model.sites.values():
+        tensors.update(site.tensors_to_save())  # `site.<name>.*`
     if isinstance(training_images, TrainingImages):
         tensors[TRAINING_TENSORS["content"]] = torch.tensor(sorted(training_images.content), dtype=torch.int64)
         tensors[TRAINING_TENSORS["isic"]] = torch.tensor(sorted(training_images.isic), dtype=torch.int32)
@@ -180,6 +197,7 @@ def load(path: Union[str, Path, None] = None, *, device: Union[str, torch.device
                 raise ValueError(f"it reads block {metadata.ood_gate.layer}, but a tap goes after block 1 to {metadata.backbone.depth - 1}")
         except ValueError as error:
             raise ModelFileError(f"{path} has a damaged out-of-distribution gate: {error}") from None
+    _load_reference_and_sites(path, model, metadata, tensors)  # takes their tensors out of `tensors`
     expected = model.state_dict()
     problems = _head_problems(metadata, tensors)
     problems += [f"missing {name}" for name in expected if name not in tensors]
@@ -202,6 +220,29 @@ def load(path: Union[str, Path, None] = None, *, device: Union[str, torch.device
     # real (uninitialised) memory, filled by the copy, which also widens float16 files to float32
     model.to_empty(device="cpu").load_state_dict(tensors)
     return model.to(device).eval()
+
+
+def _load_reference_and_sites(path: Path, model: Model, metadata: ModelMetadata, tensors: dict[str, torch.Tensor]) -> None:
+    """The reference bank and the site profiles, their tensors taken out of `tensors`; damage is one sentence."""
+    def take(prefix: str) -> dict[str, torch.Tensor]:
+        return {name[len(prefix):]: tensors.pop(name) for name in list(tensors) if name.startswith(prefix)}
+
+    reference = take(REFERENCE_PREFIX)
+    if metadata.reference is not None:
+        try:
+            model.reference = ReferenceFeatures.from_tensors(metadata.reference, reference)
+        except ValueError as error:
+            raise ModelFileError(f"{path} has a damaged record of the features its heads were fitted on: {error}") from None
+    elif reference:
+        raise ModelFileError(f"{path} holds reference tensors its metadata does not describe")
+    for name, info in metadata.sites.items():
+        try:
+            model.sites[name] = Site.from_tensors(info, take(f"{SITE_PREFIX}{name}."), model.backbone.width)
+        except (ValueError, RuntimeError) as error:
+            raise ModelFileError(f"{path} has a damaged site profile {name!r}: {error}") from None
+    stray = sorted({name.split(".")[1] for name in tensors if name.startswith(SITE_PREFIX)})
+    if stray:
+        raise ModelFileError(f"{path} holds tensors of site {', '.join(stray)}, which its metadata does not describe")
 
 
 def read_training_images(path: Union[str, Path]) -> Optional[TrainingImages]:

@@ -63,6 +63,8 @@ class HeadInfo(BaseModel):
     # True when temperature and threshold were fitted for these very weights (training's last step);
     # False for a head whose operating point is a default or was inherited from another model
     calibrated: bool = False
+    # a head fitted in closed form: its L2 penalty strength (chosen on validation loss), which `mvit adapt` reuses
+    l2_strength: Optional[float] = Field(default=None, gt=0, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod

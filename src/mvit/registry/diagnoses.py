@@ -76,6 +76,22 @@ def other_than(*terms: str) -> tuple[str, ...]:
     return tuple(leaf for leaf in LEAVES if leaf not in excluded)
 
 
+def classes_meaning(head: "HeadSpec", head_dataset: "DatasetSpec", meanings: dict[str, tuple[str, ...]]) -> dict[str, Optional[str]]:
+    """Label -> the class of `head` (trained on `head_dataset`) whose diagnoses the label's meaning
+    (vocabulary terms) shares with exactly one class of the head, else None."""
+    covered: dict[str, set[str]] = {cls: set() for cls in head.classes}  # head class -> its leaf diagnoses
+    for label in head_dataset.labels:
+        cls = head.class_of(label)
+        if cls is not None and label in head_dataset.diagnoses:
+            covered[cls] |= leaves(*head_dataset.diagnoses[label])
+    mapping: dict[str, Optional[str]] = {}
+    for label, terms in meanings.items():
+        meaning = leaves(*terms)
+        sharing = [cls for cls in head.classes if covered[cls] & meaning]
+        mapping[label] = sharing[0] if len(sharing) == 1 else None
+    return mapping
+
+
 def bridge_label_map(head: "HeadSpec", head_dataset: "DatasetSpec", dataset: "DatasetSpec") -> dict[str, Optional[str]]:
     """Label of `dataset` -> the class of `head` (trained on `head_dataset`) it means, or None.
 
@@ -91,16 +107,7 @@ def bridge_label_map(head: "HeadSpec", head_dataset: "DatasetSpec", dataset: "Da
                 f"its labels mean in mvit's diagnosis vocabulary (DatasetSpec.diagnoses, see docs/plugins.md); evaluate "
                 f"the head on {head.dataset}, or add the declaration to the plugin"
             )
-    covered: dict[str, set[str]] = {cls: set() for cls in head.classes}  # head class -> its leaf diagnoses
-    for label in head_dataset.labels:
-        cls = head.class_of(label)
-        if cls is not None and label in head_dataset.diagnoses:
-            covered[cls] |= leaves(*head_dataset.diagnoses[label])
-    mapping: dict[str, Optional[str]] = {}
-    for label in dataset.labels:
-        meaning = leaves(*dataset.diagnoses.get(label, ()))
-        sharing = [cls for cls in head.classes if covered[cls] & meaning]
-        mapping[label] = sharing[0] if len(sharing) == 1 else None
+    mapping = classes_meaning(head, head_dataset, {label: dataset.diagnoses.get(label, ()) for label in dataset.labels})
     if not any(mapping.values()):
         raise ConfigError(
             f"no label of {dataset.name} ({', '.join(dataset.labels)}) matches exactly one class of head {head.name} "

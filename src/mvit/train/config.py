@@ -35,6 +35,10 @@ class DatasetConfig(_Strict):
     fold: Optional[int] = None  # k-fold cross-validation: which fold is the test split
     folds: int = Field(default=5, ge=2)
     fractions: Optional[dict[str, float]] = None  # train/valid/test fractions where there is no official split
+    # heads fitted in closed form only: this dataset's heads also learn from the training images of
+    # these other datasets of the run, wherever their labels fall into one of the head's classes in
+    # the diagnosis vocabulary (each image once); validation stays this dataset's own
+    borrow_from: list[str] = Field(default_factory=list)
 
 
 class BackboneConfig(_Strict):
@@ -104,6 +108,10 @@ class TrainingConfig(_Strict):
     bad_images: Literal["stop", "skip"] = "stop"
     # frozen backbone and no augmentation: read backbone features from this HDF5 cache
     feature_cache: Optional[Path] = None
+    # how heads are fitted on a frozen backbone with no augmentation: "auto" in closed form (L2 logistic
+    # regression by L-BFGS, its strength chosen on validation loss; see train/linear_heads.py) where the
+    # heads are linear, else by epochs; "epochs" always by epochs of the optimiser
+    head_fit: Literal["auto", "closed_form", "epochs"] = "auto"
 
 
 class GateConfig(_Strict):
@@ -138,6 +146,11 @@ class TrainConfig(_Strict):
         names = [d.name for d in self.datasets]
         if len(set(names)) != len(names):
             raise ValueError(f"a dataset is listed twice: {names}")
+        for d in self.datasets:
+            unknown = [name for name in d.borrow_from if name not in names or name == d.name]
+            if unknown:
+                raise ValueError(f"dataset {d.name} borrows from {', '.join(unknown)}, which {'is' if len(unknown) == 1 else 'are'} "
+                                 f"not another dataset of this run (its datasets: {', '.join(names)})")
         if self.backbone.image_size is not None and "image_size" not in self.preprocessing.model_fields_set:
             # one image size for both, said once: the backbone's (an init model's may still fill the rest)
             self.preprocessing = self.preprocessing.model_copy(update={"image_size": self.backbone.image_size})

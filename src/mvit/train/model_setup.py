@@ -58,6 +58,8 @@ def build_model(config: TrainConfig, tasks: list[Task], warn: Callable[[str], No
             # a frozen backbone, fed images of its own size, leaves the gate's features unchanged
             model.ood_gate = previous.ood_gate
     trained_here = {name for task in tasks for name in task.heads}
+    if previous is not None:
+        _keep_features_records(model, previous, config, trained_here, init, warn)
     for name, info in (previous.heads.items() if previous else []):
         # A frozen backbone leaves the earlier heads valid: keep them, so a model gains heads one
         # dataset at a time. A backbone that will change would leave them stale: drop them.
@@ -72,6 +74,20 @@ def build_model(config: TrainConfig, tasks: list[Task], warn: Callable[[str], No
     for name in sorted(trained_here - set(model.heads)):
         model.add_head(HeadInfo.from_spec(manager.get_head(name)))
     return model
+
+
+def _keep_features_records(model: Model, previous: Model, config: TrainConfig, trained_here: set[str], init: str,
+                           warn: Callable[[str], None]) -> None:
+    """What the init model learned on its backbone's features stays valid while that backbone stays
+    frozen at its own image size: the features its kept heads were fitted on, and its site profiles.
+    A backbone that will change would leave both stale."""
+    frozen = config.unfreeze.mode == "none" and model.backbone.config.image_size == previous.backbone.config.image_size
+    if frozen:
+        model.reference = previous.reference.without(trained_here) if previous.reference is not None else None
+        model.sites = dict(previous.sites)
+    elif previous.sites:
+        warn(f"the site profiles of {init} ({', '.join(previous.sites)}) are dropped: the backbone is fine-tuned, "
+             f"which would leave them stale; fit them again with `mvit adapt`")
 
 
 def _continued_backbone(backbone: VisionTransformer, b: BackboneConfig, init: str, warn: Callable[[str], None]) -> VisionTransformer:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mvit.data.dataset import BadImages
-from mvit.data.features import FeatureCache
+from mvit.data.features import FeatureCache, fingerprint
 from mvit.data.mixing import IGNORE, Mix, mix_images, mixing_active, soft_targets
 from mvit.data.transforms import eval_transform
 from mvit.errors import ConfigError, TrainingDiverged
@@ -39,6 +39,7 @@ from mvit.nn.precision import autocast, autocast_dtype, resolve_device
 from mvit.progress import progress_bar
 from mvit.train.averaging import averaged_weights, make_ema
 from mvit.train.batches import SplitFeatures, decoding_workers, epoch_steps, image_batches, training_batches
+from mvit.train import closed_form
 from mvit.train.calibration import calibrate_heads, run_gate
 from mvit.train.config import BUNDLED, TrainConfig
 from mvit.data.distributed import environment_rank
@@ -86,6 +87,7 @@ class Trainer:
         if resume and self.processes.main:
             self.folder.check_writable()
         self.model = build_model(config, self.tasks, self.warn).to(self.device)
+        self.closed_form = closed_form.applies(self.model, config)  # heads fitted in one step, not by epochs
         self._check_init_leaks()
         # every model file of the run records the images trained on (hashed once: leakage exclusion
         # in build_tasks has already read each file, and content_hash remembers)
@@ -149,6 +151,17 @@ class Trainer:
 
     def run(self) -> Path:
         """Train; returns the best model file (calibrated on the validation split)."""
+        if not self.closed_form:
+            self._run_epochs()
+        elif self.start_epoch == 0:  # (a resumed closed-form run has nothing left but calibration)
+            self._fit_in_closed_form()
+        self.processes.barrier()
+        if self.processes.main:
+            self._calibrate_and_save()
+            self.say(f"best model (epoch {self.best_epoch + 1}): {self.folder.best}")
+        return self.folder.best
+
+    def _run_epochs(self) -> None:
         t = self.config.training
         previous_unfrozen, step = None, None
         with progress_bar(self.console, unit="batches", disable=not self.processes.main) as progress:
@@ -175,11 +188,38 @@ class Trainer:
                 if stop:
                     self.say(f"early stopping: no improvement for {t.early_stopping} epochs")
                     break
-        self.processes.barrier()
-        if self.processes.main:
-            self._calibrate_and_save()
-            self.say(f"best model (epoch {self.best_epoch + 1}): {self.folder.best}")
-        return self.folder.best
+
+    def _fit_in_closed_form(self) -> None:
+        """Every head fitted at once on the frozen backbone's cached features (`closed_form`), recorded
+        as the run's one epoch; the features it fitted on join the model's reference bank."""
+        started = time.perf_counter()
+        apply_unfreezing(self.model, [])
+        key = fingerprint(self.model.backbone, self.config.preprocessing)
+        fitted = closed_form.fit_heads(self.tasks, lambda task, role: self.features.get(task, role, all_ranks=True),
+                                       borrow_from={d.name: d.borrow_from for d in self.config.datasets}, fingerprint=key, say=self.say)
+        for name, head in fitted.heads.items():
+            closed_form.load_into(self.model, name, head)
+            self.model.update_head(name, l2_strength=head.strength)
+        kept = self.model.reference
+        self.model.reference = fitted.reference if kept is None or kept.info.fingerprint != key else kept.merged(fitted.reference)
+        if not self.processes.main:
+            return
+        with progress_bar(self.console, unit="batches") as progress:
+            valid, _ = self._validate(True, progress)
+        train = {name: self._bank_summary(name) for task in self.tasks for name in task.heads}
+        record = self._record(0, [], train, valid, None, time.perf_counter() - started)
+        record["closed_form"] = {name: {"l2_strength": head.strength, "valid_loss": head.held_out_loss}
+                                 for name, head in fitted.heads.items()}
+        self._after_epoch(0, record, epochs=1)
+
+    def _bank_summary(self, head: str) -> dict:
+        """A head's loss and metrics on the training images it was fitted on."""
+        features, targets = self.model.reference.rows(head)
+        with torch.no_grad():
+            logits = self.model.head_logits(features.to(self.device), head)[head].float().cpu()
+        stats = HeadStats()
+        stats.add(F.cross_entropy(logits, targets), logits, targets)
+        return stats.summary(self.model.heads[head])
 
     # ---- one epoch
 
@@ -283,7 +323,7 @@ class Trainer:
             record["skipped_images"] = len(self.bad_images.skipped)
         return record
 
-    def _after_epoch(self, epoch: int, record: dict) -> bool:
+    def _after_epoch(self, epoch: int, record: dict, epochs: Optional[int] = None) -> bool:
         """Write metrics, models, curves and state (rank 0); returns whether to stop early."""
         self.history.append(record)
         self.folder.append(record)
@@ -303,7 +343,7 @@ class Trainer:
             self.bad_epochs += 1
         self.folder.plot(self.history, self.config.training.best_metric)
         self.folder.save_state(self._state(epoch))
-        self.say(epoch_line(record, self.config.training.epochs, improved, use_ema))
+        self.say(epoch_line(record, epochs or self.config.training.epochs, improved, use_ema))
         if self.bad_images.skipped:
             self.warn(self.bad_images.summary())
         patience = self.config.training.early_stopping
