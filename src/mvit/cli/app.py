@@ -29,7 +29,7 @@ import typer
 
 from typer._click import exceptions as click_errors  # typer >= 0.26 carries its own copy of click
 
-from mvit.cli import data, evaluate, export, predict, serve, train
+from mvit.cli import adapt, data, evaluate, export, predict, serve, train
 from mvit.cli.output import error_line
 from mvit.errors import MvitError
 
@@ -73,6 +73,8 @@ app.command("predict")(_runs_a_model(predict.predict_command))
 app.command("attention")(_runs_a_model(predict.attention_command))
 app.command("evaluate")(_runs_a_model(evaluate.evaluate_command))
 app.command("calibrate")(_runs_a_model(evaluate.calibrate_command))
+app.command("adapt")(_runs_a_model(adapt.adapt_command))
+app.command("info")(_runs_a_model(adapt.info_command))
 app.command("train")(train.train_command)
 app.command("extract")(train.extract_command)
 app.command("export")(_runs_a_model(export.export_command))

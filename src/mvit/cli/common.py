@@ -34,8 +34,13 @@ def model_option():
     return typer.Option(None, "--model", "-m", help="model file (default: the model bundled with mvit)")
 
 
-def load_model(model_file: Optional[Path], device: str):
-    """The model file given, else the bundled one (a clear error until it exists), on `device`."""
+def site_option():
+    return typer.Option(None, "--site", help="answer with this site's heads (fitted by `mvit adapt`; `mvit info` lists a model's sites)")
+
+
+def load_model(model_file: Optional[Path], device: str, site: Optional[str] = None):
+    """The model file given, else the bundled one (a clear error until it exists), on `device`; as
+    site `site` sees it where one is named."""
     import torch
 
     from mvit.infer import model_file as model_files
@@ -47,7 +52,7 @@ def load_model(model_file: Optional[Path], device: str):
         raise MvitError(f"unknown device {device!r}; use {DEVICE_HELP}") from None
     if chosen.type == "cuda" and not torch.cuda.is_available():
         raise MvitError(f"device {device!r} asked for, but PyTorch sees no CUDA GPU here; use --device cpu")
-    model = model_files.load(model_file, device=chosen)  # None: the bundled model
+    model = model_files.load(model_file, device=chosen).with_site(site)  # None: the bundled model
     # start-up is over: what it made (torch's modules above all) lives as long as the process, so the
     # collector need not scan it again; it was off until now (see `_runs_a_model` in app.py), and comes back on here
     gc.freeze()

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from mvit.cli.common import PRECISION_HELP, PrecisionChoice, check_writable, device_option, load_model, model_option
+from mvit.cli.common import PRECISION_HELP, PrecisionChoice, check_writable, device_option, load_model, model_option, site_option
 from mvit.cli.output import print_table, say, show
 from mvit.errors import MvitError
 
@@ -24,6 +24,7 @@ def evaluate_command(
     precision: PrecisionChoice = typer.Option(PrecisionChoice.auto, "--precision", help=PRECISION_HELP),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
     device: str = device_option(),
+    site: Optional[str] = site_option(),
 ) -> None:
     """Evaluate one head on a split of its dataset, or of any dataset whose labels match its classes; write the report."""
     from mvit.data.distributed import Processes, local_device, quiet_unless_rank_zero
@@ -32,7 +33,7 @@ def evaluate_command(
 
     quiet_unless_rank_zero()  # under torchrun rank 0 alone prints and writes
     check_writable(out, "--out", folder=True)
-    model = load_model(model_file, local_device(device))
+    model = load_model(model_file, local_device(device), site)
     processes = Processes.from_environment(next(model.parameters()).device.type)
     model.select_heads(head)
     dataset = manager.get_head(head).dataset if dataset is None else manager.get_dataset(dataset).name
@@ -70,7 +71,7 @@ def evaluate_command(
     where = f"all images of {dataset}" if split == ALL_IMAGES else f"the {split} split of {dataset}"
     unmapped = sum(metrics["left_out"].values())
     count = f"{metrics['n']} images" + (f", {unmapped} left out as unmapped" if unmapped else "")
-    print_table(f"{head} on {where} ({count})", columns, rows)
+    print_table(f"{head}{f' (site {site})' if site else ''} on {where} ({count})", columns, rows)
     if gate is not None:
         show(f"out-of-distribution gate ({gate['method']}): accepted {gate['accepted']} of {metrics['n']} images "
              f"({gate['accepted_fraction']:.1%}); the last column is measured on those")

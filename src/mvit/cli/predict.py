@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from mvit.cli.common import PRECISION_HELP, PrecisionChoice, check_writable, device_option, load_model, model_option
+from mvit.cli.common import PRECISION_HELP, PrecisionChoice, check_writable, device_option, load_model, model_option, site_option
 from mvit.cli.output import OutputFormat, print_table, printable, say, show, stderr
 from mvit.errors import MvitError
 
@@ -29,6 +29,7 @@ def predict_command(
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="decoding processes (default: by file count and CPUs)"),
     device: str = device_option(),
     abstain: bool = typer.Option(False, "--abstain", help="label `unknown` on every head for an image the model's out-of-distribution gate flags (see `mvit calibrate`)"),
+    site: Optional[str] = site_option(),
 ) -> None:
     """Predict images with one or more heads. Files that cannot be read are reported, the rest predicted; exit 1 when any failed."""
     from mvit.data.dataset import loader_workers
@@ -41,7 +42,7 @@ def predict_command(
     if output_file is not None:
         check_writable(output_file, "--output", folder=False)
     files, shown = _find_images(paths)
-    model = load_model(model_file, local_device(device))
+    model = load_model(model_file, local_device(device), site)
     processes = Processes.from_environment(next(model.parameters()).device.type)
     names = model.select_heads(heads)
     mine = processes.shard(len(files))  # every input without torchrun; under it, every world-th
@@ -56,7 +57,7 @@ def predict_command(
     try:
         with (opened or contextlib.nullcontext(sys.stdout)) as sink:
             writer = _PredictionWriter(output, sink, {name: model.heads[name].classes for name in names},
-                                       gate=model.ood_gate is not None) if processes.main else None
+                                       gate=model.ood_gate is not None, site=model.site) if processes.main else None
             with progress_bar(stderr, disable=not (processes.main and stderr.is_terminal)) as progress:
                 task = progress.add_task("predicting", total=len(files))
                 for index, result in enumerate(results):  # one result per input, in input order (none on ranks > 0)
@@ -88,6 +89,7 @@ def attention_command(
     model_file: Optional[Path] = model_option(),
     max_size: int = typer.Option(1024, "--max-size", min=32, help="longest side of the drawn images, in pixels"),
     device: str = device_option(),
+    site: Optional[str] = site_option(),
 ) -> None:
     """Draw where the model looked: last-layer attention, rollout, the class-specific map, and grids per attention head and per layer. Exit 1 when any image failed."""
     from mvit import plots
@@ -97,7 +99,7 @@ def attention_command(
 
     check_writable(out, "--out", folder=True)
     files, shown = _find_images(images)
-    model = load_model(model_file, device)
+    model = load_model(model_file, device, site)
     out.mkdir(parents=True, exist_ok=True)
     noted = head is None or target is not None  # else the maps explain the head's own decision: say what it rests on
     stems = _unique_stems(files)
@@ -199,21 +201,23 @@ class _PredictionWriter:
     """Writes predictions as they come: json and csv stream record by record; the table waits for all.
 
     json and csv always carry `ood_score` and `in_distribution` (null / empty without a gate); the
-    table gets an `in dist.` column only when the model has a gate.
+    table gets an `in dist.` column only when the model has a gate. With a site, every format names
+    it (a `site` column, a `site` field, the table's title); without one, the output is as it always was.
     """
 
-    def __init__(self, output: OutputFormat, sink, classes: dict[str, tuple[str, ...]], gate: bool = False):
+    def __init__(self, output: OutputFormat, sink, classes: dict[str, tuple[str, ...]], gate: bool = False,
+                 site: Optional[str] = None):
         import csv
 
-        self.output, self.sink, self.gate = output, sink, gate
+        self.output, self.sink, self.gate, self.site = output, sink, gate, site
         self.rows: list[list[str]] = []
         self.first = True
         # one probability column per class name, shared by heads that have the class
         self.classes = list(dict.fromkeys(name for names in classes.values() for name in names))
         if output is OutputFormat.csv:
             self.csv = csv.writer(sink, lineterminator="\n")
-            self.csv.writerow(["image", "head", "label", "probability", "threshold", "ood_score", "in_distribution",
-                               *(f"p_{name}" for name in self.classes)])
+            self.csv.writerow(["image", "head", *(["site"] if site else []), "label", "probability", "threshold", "ood_score",
+                               "in_distribution", *(f"p_{name}" for name in self.classes)])
         elif output is OutputFormat.json:
             sink.write("[")
 
@@ -230,7 +234,7 @@ class _PredictionWriter:
         for p in predictions:
             if self.output is OutputFormat.csv:
                 in_distribution = "" if p.in_distribution is None else str(int(p.in_distribution))
-                self.csv.writerow([p.image, p.head, p.label, _number(p.probability, ".6f"), _number(p.threshold, ".6g"),
+                self.csv.writerow([p.image, p.head, *([p.site] if self.site else []), p.label, _number(p.probability, ".6f"), _number(p.threshold, ".6g"),
                                    _number(p.ood_score, ".6g"), in_distribution,
                                    *(f"{p.probabilities[c]:.6f}" if c in p.probabilities else "" for c in self.classes)])
             elif self.output is OutputFormat.json:
@@ -244,7 +248,7 @@ class _PredictionWriter:
             columns = ["image", "head", "label", "probability", "threshold"]
             if self.gate:
                 columns.insert(1, "in dist.")
-            print_table("Predictions", columns, self.rows)
+            print_table("Predictions" + (f" (site {self.site})" if self.site else ""), columns, self.rows)
 
 
 def _number(value: Optional[float], spec: str) -> str:

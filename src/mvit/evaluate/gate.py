@@ -101,7 +101,8 @@ def fit_gate(
             for message in errors.values():
                 say(f"warning: left out: {message}")
         else:
-            features[split] = _cached_features(model, [Path(item) for item in items], layer, cache, precision, batch_size, workers, say)
+            features[split] = gate_features(model, [Path(item) for item in items], layer, cache, precision, workers, say,
+                                            batch_size=batch_size)
     return fit_gate_on_features(
         features["training"], features["validation"], method=method, accept=accept, k=k, datasets=datasets, layer=layer
     )
@@ -121,8 +122,10 @@ class _Tapped(torch.nn.Module):
         return self.backbone.forward_with_tap(images, int(self.layer))[1]
 
 
-def _cached_features(model, paths: list[Path], layer, cache, precision, batch_size, workers, say) -> Tensor:
-    """Features (N, D) of `paths` through the HDF5 cache, which computes only those it lacks."""
+def gate_features(model, paths: list[Path], layer: Optional[int], cache, precision: str, workers: Optional[int], say,
+                  *, batch_size: int = 32) -> Tensor:
+    """The features (N, D) a gate reads (`layer`: None pooled, N the mean patch token after block N)
+    of `paths`, through the HDF5 cache, which computes only those it lacks."""
     device = next(model.parameters()).device
     workers = loader_workers(len(paths), batch_size, device) if workers is None else workers
     backbone = model.backbone if layer is None else _Tapped(model.backbone, layer)

@@ -154,6 +154,7 @@ def _report(model: Model, head: str, info, spec, root, out, dataset: str, split:
     metrics = classification_metrics(probabilities, targets, info.classes, positive, info.threshold)
     metrics = {
         "head": head,
+        "site": model.site,  # the site profile whose head was evaluated; None: the base head
         "dataset": dataset,
         "head_dataset": spec.dataset,  # the dataset the head was trained on
         "classes": list(info.classes),

@@ -67,14 +67,23 @@ def forward_images(
     backbone: Optional[torch.nn.Module] = None,
 ) -> tuple[dict[str, Tensor], Optional[Tensor]]:
     """Normalised images (B, 3, S, S) -> ({head: float32 logits (B, K)}, gate scores (B,) or None),
-    both on the CPU, from one backbone pass.
+    both on the CPU, from one backbone pass (`backbone_pass`, then `head_logits`)."""
+    features, scores = backbone_pass(model, images, tta=tta, dtype=dtype, backbone=backbone)
+    return head_logits(model, features, heads, len(images), dtype), scores
+
+
+def backbone_pass(
+    model: Model, images: Tensor, *, tta: bool, dtype: Optional[torch.dtype], backbone: Optional[torch.nn.Module] = None,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """Normalised images (B, 3, S, S) -> (pooled features (B or 4B, D) on the images' device, gate
+    scores (B,) on the CPU or None).
 
     Flip test-time augmentation runs the four flips of each image (a lesion has no "up" or "left")
-    in the same pass and averages their logits. The gate scores the un-flipped image's feature only:
-    its threshold was chosen on un-flipped features, and a mean of four flipped features is pulled
-    towards the centre of the feature cloud, so it would be scored against the wrong threshold.
-    The score is then the same with and without `tta`. `backbone`: run this one instead of the
-    model's (the int8 copy of `mvit.infer.quantize`); the heads are always the model's.
+    in the same pass; `head_logits` averages their logits. The gate scores the un-flipped image's
+    feature only: its threshold was chosen on un-flipped features, and a mean of four flipped
+    features is pulled towards the centre of the feature cloud, so it would be scored against the
+    wrong threshold. The score is then the same with and without `tta`. `backbone`: run this one
+    instead of the model's (the int8 copy of `mvit.infer.quantize`).
     """
     B = images.shape[0]
     backbone = model.backbone if backbone is None else backbone
@@ -88,10 +97,18 @@ def forward_images(
                 features = backbone(images)  # (B or 4B, D)
             else:  # the same pass, also yielding the feature the gate reads (B or 4B, D)
                 features, looked_at = gate.features(backbone, images)
-            logits = model.head_logits(features, heads)
         # float32, outside autocast: a bfloat16 distance would blur scores near the threshold
         scores = None if gate is None else gate.score(looked_at[:B].float()).cpu()
-    return {name: value.float().reshape(-1, B, value.shape[-1]).mean(0).cpu() for name, value in logits.items()}, scores
+    return features, scores
+
+
+def head_logits(model: Model, features: Tensor, heads: list[str], count: int, dtype: Optional[torch.dtype]) -> dict[str, Tensor]:
+    """Pooled features of `count` images (or of their four flips, 4 x count rows) -> {head: float32
+    logits (count, K)} on the CPU, the flips' logits averaged. `model` may be a site's view of the
+    model (`Model.with_site`): the same features, that site's heads."""
+    with torch.inference_mode(), autocast(features.device, dtype):
+        logits = model.head_logits(features, heads)
+    return {name: value.float().reshape(-1, count, value.shape[-1]).mean(0).cpu() for name, value in logits.items()}
 
 
 def image_batches(
@@ -160,6 +177,7 @@ def batch_predictions(
                     threshold=thresholds[name],
                     ood_score=scores[row],
                     in_distribution=accepted[row],
+                    site=model.site,
                 )
             )
     return found

@@ -32,6 +32,7 @@ class Prediction:
     # the out-of-distribution gate's verdict on the image (the same on every head); None without a gate
     ood_score: Optional[float] = None  # higher = less like the training images
     in_distribution: Optional[bool] = None  # ood_score <= the gate's threshold
+    site: Optional[str] = None  # the site profile whose heads answered (`mvit adapt`); None: the base heads
 
     @property
     def probability(self) -> Optional[float]:
@@ -39,8 +40,11 @@ class Prediction:
         return self.probabilities.get(self.label)
 
     def as_dict(self) -> dict:
-        """The record as the CLI's JSON writes it: every field, and `probability` after `label`."""
+        """The record as the CLI's JSON writes it: every field, and `probability` after `label`;
+        `site` only when a site answered (so records without sites are as they always were)."""
         record = {**asdict(self), "probabilities": dict(self.probabilities)}
+        if record["site"] is None:
+            del record["site"]
         at = list(record).index("label") + 1
         items = list(record.items())
         return dict(items[:at] + [("probability", self.probability)] + items[at:])

@@ -66,9 +66,16 @@ class HeadDescription(BaseModel):
     description: str
 
 
+class SiteDescription(BaseModel):
+    name: str
+    images: int  # labelled images its heads learned from
+    heads: list[str]  # the heads it adapted (the others answer as the base heads)
+
+
 class HeadsBody(BaseModel):
     heads: list[HeadDescription]
     gate: bool  # whether the model has an out-of-distribution gate (records carry ood_score, and `abstain` works)
+    sites: list[SiteDescription] = []  # the model's site profiles: the `site` field of /v1/predict and /v1/attention
     limits: dict[str, int]
 
 
@@ -90,6 +97,7 @@ def _multipart(properties: dict, required: list[str]) -> dict:
 
 FILES = {"type": "array", "items": {"type": "string", "format": "binary"}}
 HEADS = {"type": "array", "items": {"type": "string"}, "description": "head names, repeated; `all` (the default) for every head"}
+SITE = {"type": "string", "description": "a site profile of the model (`mvit adapt`): answer with its heads; none: the base heads"}
 REFUSALS = {status: {"model": ErrorBody, "description": says} for status, says in {
     401: "no token, or the wrong one (when the server needs one)",
     413: "the body is over the size limit, or an image over the pixel limit",
@@ -137,10 +145,11 @@ def create_app(model: Model, settings: ServeSettings) -> FastAPI:
             heads=[HeadDescription(**model.heads[name].model_dump(include=set(HeadDescription.model_fields) - {"threshold", "classes"}),
                                    classes=list(model.heads[name].classes), threshold=thresholds[name]) for name in chosen],
             gate=model.ood_gate is not None,
+            sites=[SiteDescription(name=name, images=site.info.images, heads=list(site.info.heads)) for name, site in model.sites.items()],
             limits={"max_upload_bytes": settings.max_upload_bytes, "max_images": settings.max_images, "max_pixels": settings.max_pixels},
         )
 
-    @api.post("/predict", openapi_extra=_multipart({"images": FILES, "head": HEADS, "abstain": {"type": "boolean"}}, ["images"]),
+    @api.post("/predict", openapi_extra=_multipart({"images": FILES, "head": HEADS, "abstain": {"type": "boolean"}, "site": SITE}, ["images"]),
               responses={200: {"model": list[PredictionRecord], "description": "a record per image and head, image by image"},
                          **{status: REFUSALS[status] for status in (413, 415, 422, 503)}})
     async def predict(request: Request) -> Response:
@@ -153,13 +162,13 @@ def create_app(model: Model, settings: ServeSettings) -> FastAPI:
             names = service.heads(form.values.get("head", []))
             abstain = form.flag("abstain")
             admission.grow(len(uploads) - 1)
-            records = await service.predict(uploads, names, abstain=abstain)
+            records = await service.predict(uploads, names, abstain=abstain, site=form.value("site"))
         return JSONResponse(records)
 
     @api.post("/attention", response_class=Response,
               openapi_extra=_multipart({"image": {"type": "string", "format": "binary"}, "head": {"type": "string"},
                                         "class": {"type": "string", "description": "the class to explain (default: the head's decision)"},
-                                        "map": {"type": "string", "enum": list(ATTENTION_MAPS)}}, ["image", "head"]),
+                                        "map": {"type": "string", "enum": list(ATTENTION_MAPS)}, "site": SITE}, ["image", "head"]),
               responses={200: {"content": {"image/png": {}}, "description": "the map over the image; X-Mvit-Class: the class explained"},
                          **{status: REFUSALS[status] for status in (413, 415, 422, 503)}})
     async def attention(request: Request) -> Response:
@@ -170,7 +179,8 @@ def create_app(model: Model, settings: ServeSettings) -> FastAPI:
             head = form.value("head")
             if len(uploads) != 1 or head is None:
                 raise ApiError(422, "send one image file in the form field `image` and a head name in `head`")
-            overlay = await service.attention(uploads[0], head, target=form.value("class"), view=form.value("map") or ATTENTION_MAPS[0])
+            overlay = await service.attention(uploads[0], head, target=form.value("class"), view=form.value("map") or ATTENTION_MAPS[0],
+                                              site=form.value("site"))
         return Response(overlay.png, media_type="image/png",
                         headers={"X-Mvit-Head": header_value(overlay.head), "X-Mvit-Class": header_value(overlay.explains)})
 

@@ -24,7 +24,7 @@ from mvit.data.transforms import eval_transform
 from mvit.errors import ImageError, ImageTooLarge, UnknownHeadError
 from mvit.infer.attention import attention_maps
 from mvit.infer.model import Model
-from mvit.infer.predict import LogitsBatch, batch_predictions, forward_images
+from mvit.infer.predict import LogitsBatch, backbone_pass, batch_predictions, head_logits
 from mvit.infer.prediction import thresholds_for
 from mvit.infer.quantize import int8_backbone
 from mvit.nn.precision import autocast_dtype, check_int8_device
@@ -54,8 +54,13 @@ class Service:
         backbone = int8_backbone(model) if settings.precision == "int8" else None
         every_head = list(model.heads)
 
-        def run_batch(images: Tensor):  # (B, 3, S, S) -> every head's logits and the gate's scores
-            return forward_images(model, images.to(device), every_head, tta=False, dtype=dtype, backbone=backbone)
+        def run_batch(images: Tensor):  # (B, 3, S, S) -> every head's logits (and every site's) and the gate's scores
+            features, scores = backbone_pass(model, images.to(device), tta=False, dtype=dtype, backbone=backbone)
+            logits = head_logits(model, features, every_head, len(images), dtype)
+            for site, profile in model.sites.items():  # the same backbone pass serves every site's heads
+                for name, value in head_logits(model.with_site(site), features, list(profile.info.heads), len(images), dtype).items():
+                    logits[site_key(site, name)] = value
+            return logits, scores
 
         threads = model_threads(settings.model_threads, device)
         cores = max(1, torch.get_num_threads() // threads)
@@ -85,20 +90,30 @@ class Service:
             unknown = next(name for name in requested if name not in self.model.heads and name != "all")
             raise ApiError(422, f"this model has no head {unknown!r}; its heads are {', '.join(self.model.heads)}") from None
 
-    async def predict(self, uploads: list[Upload], heads: list[str], *, abstain: bool = False) -> list[dict]:
+    def site(self, name: Optional[str]) -> Model:
+        """The model as site `name` sees it (None or empty: the base heads), or a 422 naming the sites there are."""
+        try:
+            return self.model.with_site(name or None)
+        except UnknownHeadError:
+            raise ApiError(422, f"this model has no site {name!r}; its sites are {', '.join(self.model.sites) or 'none'}") from None
+
+    async def predict(self, uploads: list[Upload], heads: list[str], *, abstain: bool = False, site: Optional[str] = None) -> list[dict]:
         """Each upload's records, image by image and head by head, as `mvit predict --format json`
-        (inside an `admitted` block holding room for the uploads)."""
+        (inside an `admitted` block holding room for the uploads); `site`: with that site's heads."""
+        view = self.site(site)
         if abstain and self.model.ood_gate is None:
             raise ApiError(422, "abstaining needs a model with an out-of-distribution gate, and this one has none; leave out `abstain`")
-        thresholds = thresholds_for(self.model.heads, heads, None)
         images = await self._decoded(uploads, self._prepare)  # n x (3, S, S)
         answer = await asyncio.wrap_future(self.batcher.submit(images))
-        batch = LogitsBatch(list(range(len(uploads))), {name: answer.logits[name] for name in heads}, {}, answer.ood_scores)
-        found = batch_predictions(self.model, batch, [upload.name for upload in uploads], thresholds, abstain)
+        adapted = self.model.sites[view.site].info.heads if view.site else {}
+        logits = {name: answer.logits[site_key(view.site, name) if name in adapted else name] for name in heads}
+        batch = LogitsBatch(list(range(len(uploads))), logits, {}, answer.ood_scores)
+        found = batch_predictions(view, batch, [upload.name for upload in uploads], thresholds_for(view.heads, heads, None), abstain)
         return [prediction.as_dict() for index in range(len(uploads)) for prediction in found[index]]
 
-    async def attention(self, upload: Upload, head: str, *, target: Optional[str], view: str) -> Overlay:
-        """The chosen attention map over the image, as a PNG."""
+    async def attention(self, upload: Upload, head: str, *, target: Optional[str], view: str, site: Optional[str] = None) -> Overlay:
+        """The chosen attention map over the image, as a PNG (`site`: of that site's head)."""
+        model = self.site(site)
         if view not in ATTENTION_MAPS:
             raise ApiError(422, f"`map` is one of {', '.join(ATTENTION_MAPS)}, got {view!r}")
         [head] = self.heads([head])
@@ -106,7 +121,7 @@ class Service:
         if target is not None and target not in classes:
             raise ApiError(422, f"head {head} has no class {target!r}; its classes are {', '.join(classes)}")
         [image] = await self._decoded([upload], self._decode)
-        work = lambda: attention_maps(self.model, [image], head, target=target, max_size=OVERLAY_SIZE)[0]  # noqa: E731
+        work = lambda: attention_maps(model, [image], head, target=target, max_size=OVERLAY_SIZE)[0]  # noqa: E731
         maps = await asyncio.wrap_future(self.batcher.call(work))
         png = await asyncio.get_running_loop().run_in_executor(self._decoders, _overlay_png, maps, view)
         return Overlay(png, head, maps.target)
@@ -132,6 +147,11 @@ class Service:
             if isinstance(result, BaseException):
                 raise result
         return done
+
+
+def site_key(site: str, head: str) -> str:
+    """The batch answer's key for a site's version of a head (head names hold no "/")."""
+    return f"{site}/{head}"
 
 
 @contextlib.contextmanager

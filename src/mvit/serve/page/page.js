@@ -139,6 +139,10 @@
     state.heads = new Map(body.heads.map((head) => [head.name, head]));
     state.limits = body.limits;
     $("abstain-row").hidden = !body.gate; // abstaining needs the out-of-distribution gate
+    const sites = body.sites || [];
+    $("site-row").hidden = sites.length === 0;
+    $("site").append(...sites.map((site) =>
+      el("option", { value: site.name, text: `${site.name} (${site.heads.join(", ")}; ${site.images} images)` })));
     const list = $("head-list");
     list.replaceChildren(...body.heads.map((head, index) => {
       const id = `head-${index}`;
@@ -253,8 +257,9 @@
     });
     const abstained = record.probability === null;
     const dataset = head.dataset && head.dataset !== record.head ? el("span", { class: "muted", text: ` · ${head.dataset}` }) : null;
+    const site = record.site ? el("span", { class: "site-tag", text: ` · site ${record.site}` }) : null;
     return el("section", { class: "answer", "data-head": record.head },
-      el("h4", {}, el("span", { text: record.head }), dataset),
+      el("h4", {}, el("span", { text: record.head }), dataset, site),
       el("p", { class: "decision" },
         el("span", { class: "label", "data-head": record.head, text: record.label }),
         abstained ? el("span", { class: "muted", text: "(abstained)" })
@@ -264,7 +269,7 @@
         el("tbody", {}, ...rows)),
       positive ? el("p", { class: "rule" },
         el("span", { text: `Decides ${positive} at p(${positive}) ≥ ${fixed(record.threshold)}` }),
-        head.threshold_target ? el("span", { class: "muted", text: ` (chosen for ${head.threshold_target})` }) : null) : null,
+        head.threshold_target && !record.site ? el("span", { class: "muted", text: ` (chosen for ${head.threshold_target})` }) : null) : null,
       el("p", { class: head.calibrated ? "calibration muted" : "calibration uncalibrated" },
         head.calibrated ? `Calibrated (temperature ${head.temperature.toFixed(2)}).`
           : "Not calibrated for these weights: read its probabilities and threshold as rough."));
@@ -296,6 +301,7 @@
       const form = new FormData();
       form.append("image", job.file, job.file.name);
       form.append("head", head);
+      if (job.site) form.append("site", job.site); // the site that answered, not whatever is chosen now
       try {
         const response = await patiently(() => call("v1/attention", { method: "POST", body: form }),
           (seconds) => { caption.textContent = `The server is busy; asking again in ${seconds} s…`; });
@@ -329,6 +335,8 @@
     form.append("images", job.file, job.file.name);
     heads.forEach((head) => form.append("head", head));
     if (abstain) form.append("abstain", "true");
+    job.site = $("site").value;
+    if (job.site) form.append("site", job.site);
     cardStatus(job, "Classifying…");
     let records;
     try {
