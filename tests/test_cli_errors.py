@@ -127,7 +127,7 @@ def test_predict_notes_once_on_stderr_which_heads_were_not_calibrated(tmp_path):
 def test_a_full_disk_while_writing_is_one_sentence_naming_the_file(model_file, tmp_path):
     image = write_image(tmp_path / "lesion.jpg", size=(40, 30))
     done = run_mvit("predict", "-m", str(model_file), "--device", "cpu", "-f", "csv", "-o", "/dev/full", str(image))
-    assert done.code == 1 and lines(done.stderr) == [
+    assert done.code == 3 and lines(done.stderr) == [  # a full disk's own exit status
         "error: no space left on the device (/dev/full); free some space, then run the command again"
     ]
 

@@ -30,7 +30,7 @@ from mvit.data import features as features_module
 from mvit.data.features import FeatureCache, fingerprint
 from mvit.data.images import load_image
 from mvit.data.transforms import Preprocessing, eval_transform
-from mvit.errors import ConfigError, ImageError, MvitError
+from mvit.errors import ConfigError, DiskFull, ImageError, MvitError
 from mvit.nn.vit import VisionTransformer
 from mvit.registry.leakage import content_hash
 from mvit.train import trainer as training
@@ -74,9 +74,10 @@ def committed(path: Path) -> dict[str, np.ndarray]:
         return found
 
 
-def one_sentence(result) -> str:
-    """The stderr of a failed command: one `error:` line, no traceback, no HDF5 diagnostics, no crash."""
-    assert result.code == 2, (result.code, result.stderr[-3000:])
+def one_sentence(result, code: int = 2) -> str:
+    """The stderr of a failed command: one `error:` line, no traceback, no HDF5 diagnostics, no crash;
+    exit status 2 for a mistake, 3 for a full disk."""
+    assert result.code == code, (result.code, result.stderr[-3000:])
     assert "Traceback" not in result.stderr and "HDF5" not in result.stderr, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, result.stderr
@@ -129,7 +130,7 @@ def test_a_full_disk_at_any_write_is_one_sentence_and_keeps_the_rows_committed(t
         owner, name, replacement = patched[point]
         monkeypatch.setattr(getattr(h5py, owner), name, replacement)
 
-    with pytest.raises(MvitError, match="the disk is full; free some space") as raised:
+    with pytest.raises(DiskFull, match="the disk is full; free some space") as raised:  # exit status 3
         FeatureCache(path).extract(net, PRE, images, device=CPU, batch_size=4)
     assert str(path) in str(raised.value) and "\n" not in str(raised.value)
     monkeypatch.undo()
@@ -182,7 +183,7 @@ def test_extract_on_a_96k_disk_is_one_sentence_and_runs_once_there_is_room(tmp_p
     config, root = extract_config
     with small_disk(tmp_path / "disk", "96k") as disk:
         cache = disk / "features.h5"
-        text = one_sentence(run_mvit("extract", str(config), "--cache", str(cache), timeout=300))
+        text = one_sentence(run_mvit("extract", str(config), "--cache", str(cache), timeout=300), code=3)
         assert "the disk is full" in text and str(cache) in text
         assert not cache.exists() or committed(cache) == {}  # a readable cache with nothing in it
         subprocess.run(["mount", "-o", "remount,size=4m", str(disk)], check=True)
@@ -202,7 +203,7 @@ def test_a_disk_that_fills_during_extract_keeps_every_feature_cached_before(tmp_
         for k in range(40):  # more images arrive; the disk has room for few of them
             paint(root / "DermMel" / "train_sep" / "Melanoma" / f"ISIC_{9_000_000 + k}.jpg", 0)
         filler = fill(disk, leave=48 * 1024)
-        text = one_sentence(run_mvit("extract", str(config), "--cache", str(cache), timeout=300))
+        text = one_sentence(run_mvit("extract", str(config), "--cache", str(cache), timeout=300), code=3)
         assert "the disk is full" in text
         after = committed(cache)
         assert after.keys() == before.keys()

@@ -16,6 +16,10 @@ class WeightsError(MvitError):
     """A checkpoint whose tensors do not match the backbone: missing, unexpected or mis-shaped."""
 
 
+class DiskFull(MvitError):
+    """A write the disk has no room for (or the quota is spent): the command line's own exit status, 3."""
+
+
 class ImageError(MvitError):
     """An image file that cannot be decoded."""
 

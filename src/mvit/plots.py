@@ -6,6 +6,7 @@ and never touches pyplot's global state or a display, so it works headless and i
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
 
@@ -230,7 +231,17 @@ def plot_training_curves(history: list[dict], path: Path, metric: str = "balance
             ax.legend()
     fig.suptitle("dashed lines: a backbone group unfrozen" if steps else "")
     fig.tight_layout()
-    partial = path.with_name(f".{path.name}.partial.png")
-    fig.savefig(partial, dpi=100)
-    partial.replace(path)
+    _save_aside(fig, path)
     return path
+
+
+def _save_aside(fig: Figure, path: Path) -> None:
+    """`fig` as a PNG at `path`, written beside it and renamed: a failed or interrupted write leaves
+    the previous file whole and no partial behind (named once, as the run folder's partials are)."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        fig.savefig(partial, dpi=100, format="png")
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise

@@ -9,8 +9,9 @@ that need them, so `mvit --help` and `mvit plugins` start fast.
 a user mistake the library names (`MvitError`, exit 2), a usage mistake click finds (an unknown
 option, an invalid value, a missing argument; exit 2), and the operating system's refusals that reach
 it (permission denied, a folder where a file is needed or the other way round, a missing path, a full
-disk, a read-only file system, an exceeded quota; exit 1), each naming the path when the error
-carries one. Library code raises `MvitError` where it knows more context; this catches what slips
+disk, a read-only file system, an exceeded quota; exit 1, but 3 for a full disk or a spent quota,
+as for `DiskFull`), each naming the path when the error carries one. Library code raises
+`MvitError` where it knows more context; this catches what slips
 through, so a new command inherits it. Anything else is a bug in mvit and keeps its traceback.
 """
 
@@ -31,7 +32,7 @@ from typer._click import exceptions as click_errors  # typer >= 0.26 carries its
 
 from mvit.cli import adapt, data, evaluate, export, predict, serve, train
 from mvit.cli.output import error_line
-from mvit.errors import MvitError
+from mvit.errors import DiskFull, MvitError
 
 app = typer.Typer(
     name="mvit",
@@ -83,7 +84,8 @@ app.add_typer(data.plugins_app, name="plugins")
 app.add_typer(data.data_app, name="data")
 
 EXIT_USER_ERROR = 2  # a mistake in what was asked: a file, a folder, a config, an option
-EXIT_SYSTEM_ERROR = 1  # the system refused: permissions, a full or read-only disk
+EXIT_SYSTEM_ERROR = 1  # the system refused: permissions, a read-only disk (and `predict`: an image failed)
+EXIT_DISK_FULL = 3  # no space left (or the quota spent): nothing half-written is left under a final name
 EXIT_INTERRUPTED = 130
 
 
@@ -94,6 +96,9 @@ def main() -> None:
     quiet_unless_rank_zero()  # under torchrun a run speaks once, usage errors included
     try:
         code = app(standalone_mode=False)  # standalone mode would print click's own "Aborted!" for some errors
+    except DiskFull as error:
+        error_line(str(error))
+        sys.exit(EXIT_DISK_FULL)
     except MvitError as error:
         from mvit.registry.catalog import debugging
 
@@ -125,7 +130,7 @@ def main() -> None:
         if sentence is None:
             raise  # not a refusal a user can act on: a bug, with its traceback
         error_line(sentence)
-        sys.exit(EXIT_SYSTEM_ERROR)
+        sys.exit(EXIT_DISK_FULL if error.errno in (errno.ENOSPC, errno.EDQUOT) else EXIT_SYSTEM_ERROR)
     sys.exit(code if isinstance(code, int) else 0)
 
 

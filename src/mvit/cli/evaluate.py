@@ -100,6 +100,7 @@ def calibrate_command(
     cache: Optional[Path] = typer.Option(None, "--cache", help="HDF5 feature cache to keep the features in, so calibrating again (another --method or --accept) skips the backbone"),
 ) -> None:
     """Fit an out-of-distribution gate onto a trained model, without retraining: training images make the reference, the validation split sets the threshold."""
+    from mvit.cli.output_file import written_aside
     from mvit.evaluate.gate import calibration_paths, fit_gate
     from mvit.infer import model_file as model_files
     from mvit.infer.ood import check_options, resolve_layer
@@ -119,7 +120,8 @@ def calibrate_command(
     gate = fit_gate(model, train_paths, valid_paths, method=method.value, accept=accept, k=k, layer=block, datasets=datasets,
                     precision=precision.value, batch_size=batch_size, workers=workers, cache=cache, say=say)
     model.ood_gate = gate
-    model_files.save(model, output_file, half=model_files.stored_as_half(source))  # as small as the input was
+    with written_aside(output_file) as partial:  # an interrupted save leaves no temporary file, and the input whole
+        model_files.save(model, partial, half=model_files.stored_as_half(source))  # as small as the input was
     info = gate.info
     rows = [["method", info.method], *([["k", str(info.k)]] if info.k else []),
             ["feature", "pooled class token" if info.layer is None else f"mean patch token after block {info.layer}"],

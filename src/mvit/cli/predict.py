@@ -52,10 +52,12 @@ def predict_command(
         abstain=abstain,
     )
     results = processes.merged(stream, len(files), chunk=max(256, batch_size))  # every rank's, on rank 0
+    # rank 0 alone writes; the file is written aside and renamed into place when complete
     opened = processes.on_main(lambda: _open_for_writing(output_file)) if output_file else None
+    written, sink = opened or (contextlib.nullcontext(), sys.stdout)
     failed = 0
     try:
-        with (opened or contextlib.nullcontext(sys.stdout)) as sink:
+        with written:
             writer = _PredictionWriter(output, sink, {name: model.heads[name].classes for name in names},
                                        gate=model.ood_gate is not None, site=model.site) if processes.main else None
             with progress_bar(stderr, disable=not (processes.main and stderr.is_terminal)) as progress:
@@ -69,7 +71,7 @@ def predict_command(
                     progress.advance(task)
             if writer is not None:
                 writer.close()
-    except OSError as error:  # a full disk while writing: the boundary names the file written
+    except OSError as error:  # a full disk while writing: the boundary names the file written (exit 3)
         if error.filename is None:
             error.filename = str(output_file) if output_file else "standard output"
         raise
@@ -190,11 +192,18 @@ def _format_of(output: OutputFormat, output_file: Optional[Path]) -> OutputForma
     return by_suffix[output_file.suffix.lower()]
 
 
-def _open_for_writing(path: Path):
-    try:
-        return open(path, "w", newline="")
-    except OSError as error:
-        raise MvitError(f"cannot write {path}: {error.strerror}; choose another --output") from None
+def _open_for_writing(path: Path) -> tuple[contextlib.ExitStack, object]:
+    """The file to write the predictions to, beside `path`, and the context whose end closes it and
+    renames it into place (or removes it, when the command fails or is interrupted)."""
+    from mvit.cli.output_file import written_aside
+
+    with contextlib.ExitStack() as stack:
+        try:
+            partial = stack.enter_context(written_aside(path))
+            sink = stack.enter_context(open(partial, "w", newline=""))
+        except OSError as error:
+            raise MvitError(f"cannot write {path}: {error.strerror}; choose another --output") from None
+        return stack.pop_all(), sink
 
 
 class _PredictionWriter:

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from mvit.data.dataset import BadImages, image_loader
-from mvit.errors import MvitError
+from mvit.errors import DiskFull, MvitError
 from mvit.nn.precision import autocast
 from mvit.data.transforms import Preprocessing, eval_transform
 from mvit.nn.vit import VisionTransformer
@@ -153,9 +153,10 @@ class FeatureCache:
         except (OSError, RuntimeError) as error:  # the rows already committed stay readable: `rows` was not moved on
             if isinstance(error, RuntimeError) and _errno_of(error) is None:
                 raise  # not the disk: a bug, with its traceback
-            raise MvitError(f"cannot write the feature cache {self.path}: {_reason(error)}"
-                            + ("; free some space and run again (the images cached so far are kept)"
-                               if _errno_of(error) in (errno.ENOSPC, errno.EDQUOT) else "")) from None
+            full = _errno_of(error) in (errno.ENOSPC, errno.EDQUOT)
+            raise (DiskFull if full else MvitError)(
+                f"cannot write the feature cache {self.path}: {_reason(error)}"
+                + ("; free some space and run again (the images cached so far are kept)" if full else "")) from None
 
     def _reserve(self, rows: int, width: int) -> None:
         """Claim the disk space a commit of `rows` features of `width` can take, before HDF5 writes

@@ -23,7 +23,7 @@ from typing import Iterator
 
 import torch
 
-from mvit.errors import ConfigError, ModelFileError, MvitError
+from mvit.errors import ConfigError, DiskFull, ModelFileError, MvitError
 from mvit.infer import model_file
 from mvit.infer.model import Model
 from mvit.registry.leakage import TrainingImages, recorded_training_images
@@ -113,10 +113,8 @@ class RunFolder:
         from mvit.plots import plot_training_curves
 
         target = self.path / "curves.png"
-        partial = self.path / f".curves.{os.getpid()}.partial.png"
-        with self.writing(target, "the training curves", partial):
-            plot_training_curves(history, partial, best_metric)
-            os.replace(partial, target)
+        with self.writing(target, "the training curves"):
+            plot_training_curves(history, target, best_metric)  # written aside and renamed by the plot itself
 
     def save_state(self, state: dict) -> None:
         """Written aside, then renamed: an interrupted write leaves the previous state whole."""
@@ -181,14 +179,18 @@ class RunFolder:
         and leaves no half-written file behind; the files already written stay as they were."""
         try:
             yield
-        except Exception as error:
+        except BaseException as error:  # Ctrl-C too: its partial is removed as well
             for partial in [*partials, *self.path.glob(f".{path.name}.*.partial")] if self.path.is_dir() else partials:
                 with contextlib.suppress(OSError):
                     Path(partial).unlink()
-            reason = write_failure(error)
+            reason = write_failure(error) if isinstance(error, Exception) else None
             if reason is None:
                 raise
-            raise MvitError(f"cannot write {what} {path}: {reason}") from None
+            kind = DiskFull if reason.startswith(DISK_FULL) else MvitError
+            raise kind(f"cannot write {what} {path}: {reason}") from None
+
+
+DISK_FULL = "the disk is full"
 
 
 def write_failure(error: BaseException) -> str | None:
@@ -196,7 +198,7 @@ def write_failure(error: BaseException) -> str | None:
     text = str(error)
     number = getattr(error, "errno", None)
     if number == errno.ENOSPC or "No space left" in text or "os error 28" in text:
-        return "the disk is full; free some space (the files of the last finished epoch are intact) and resume the run"
+        return f"{DISK_FULL}; free some space (the files of the last finished epoch are intact) and resume the run"
     if not isinstance(error, OSError) and "os error" not in text:
         return None
     if number in (errno.EROFS, errno.EACCES, errno.EPERM) or "Read-only" in text or "Permission denied" in text:

@@ -1,0 +1,189 @@
+"""Issue 20's fault campaign, items 4, 6 and 7: what a command writes, a server under slow clients,
+and settings that train checks as predict does.
+
+(4) `predict --output`, `calibrate --output` and the training curves are written aside and renamed
+into place: Ctrl-C, SIGTERM, a full disk or a second writer never leave half a file under the final
+name, and the temporary files go with the failure; a full disk has its own exit status, 3.
+docs/reliability.md lists the same faults and promises.
+"""
+
+from __future__ import annotations
+
+import csv
+import errno
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from clirun import call_mvit
+from datasets_factory import ham_rows, make_ham10000, write_image
+from inference_models import plugin_heads_model, saved_model
+from mvit.cli import predict as predict_cli
+from mvit.infer import model_file
+
+OLD = "the previous run's predictions, which must stay whole\n"
+
+
+def images(folder: Path, count: int) -> list[Path]:
+    return [write_image(folder / f"lesion{k:03d}.jpg", size=(40, 30)) for k in range(count)]
+
+
+def beside(path: Path) -> list[str]:
+    """Every entry of `path`'s folder other than the inputs: what a write left there."""
+    return sorted(entry.name for entry in path.parent.iterdir() if entry.name.startswith(".") or entry.name == path.name)
+
+
+@pytest.fixture
+def setup(tmp_path):
+    out = tmp_path / "out" / "predictions.csv"
+    out.parent.mkdir()
+    out.write_text(OLD)
+    return saved_model(tmp_path), images(tmp_path / "images", 6), out
+
+
+def _failing_after_one_record(monkeypatch, failure: BaseException) -> None:
+    """The writer fails (a full disk, Ctrl-C) after it has written some rows to the file."""
+    add = predict_cli._PredictionWriter.add
+    calls = []
+
+    def add_then_fail(self, predictions):
+        calls.append(1)
+        if len(calls) == 2:
+            self.sink.flush()  # some rows are on disk: under the final name, before the fix
+            raise failure
+        add(self, predictions)
+
+    monkeypatch.setattr(predict_cli._PredictionWriter, "add", add_then_fail)
+
+
+def test_ctrl_c_during_predict_leaves_the_previous_output_whole_and_no_partial(setup, capsys, monkeypatch):
+    model, inputs, out = setup
+    _failing_after_one_record(monkeypatch, KeyboardInterrupt())
+    done = call_mvit(capsys, monkeypatch, "predict", "-m", str(model), "-o", str(out), *map(str, inputs))
+    assert done.code == 130 and "Traceback" not in done.stderr
+    assert out.read_text() == OLD
+    assert beside(out) == [out.name]
+
+
+def test_a_full_disk_during_predict_is_exit_3_one_sentence_and_no_partial(setup, capsys, monkeypatch):
+    model, inputs, out = setup
+    _failing_after_one_record(monkeypatch, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    done = call_mvit(capsys, monkeypatch, "predict", "-m", str(model), "-o", str(out), *map(str, inputs))
+    assert done.code == 3, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"error: no space left on the device ({out}); free some space, then run the command again"
+    ]
+    assert out.read_text() == OLD
+    assert beside(out) == [out.name]
+
+
+def test_predict_with_a_failed_image_still_renames_its_output_into_place(setup, capsys, monkeypatch):
+    model, inputs, out = setup
+    broken = inputs[0].with_name("broken.jpg")
+    broken.write_bytes(b"not an image")
+    done = call_mvit(capsys, monkeypatch, "predict", "-m", str(model), "-H", "dermmel", "-o", str(out), *map(str, [*inputs, broken]))
+    assert done.code == 1
+    rows = list(csv.DictReader(io.StringIO(out.read_text())))
+    assert [row["image"] for row in rows] == list(map(str, inputs))  # the broken image's rows are simply absent
+    assert beside(out) == [out.name]
+
+
+def _predict_process(model: Path, inputs: list[Path], out: Path) -> subprocess.Popen:
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.Popen([sys.executable, "-m", "mvit", "predict", "-m", str(model), "-H", "dermmel", "--batch-size", "1",
+                             "--workers", "0", "-o", str(out), *map(str, inputs)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+
+
+@pytest.mark.slow
+def test_sigterm_during_predict_leaves_the_previous_output_whole_and_no_partial(tmp_path):
+    model, out = saved_model(tmp_path), tmp_path / "out" / "predictions.csv"
+    out.parent.mkdir()
+    out.write_text(OLD)
+    inputs = images(tmp_path / "images", 400)
+    process = _predict_process(model, inputs, out)
+    # wait until it writes: its partial is there, or (before the fix) the final file was truncated
+    while process.poll() is None and not any(out.parent.glob(".*.partial")) and out.read_text() == OLD:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    process.wait(120)
+    finished = process.returncode == 0  # it may have finished first: then the output is complete
+    text = out.read_text()
+    if finished:
+        assert len(list(csv.DictReader(io.StringIO(text)))) == len(inputs)
+    else:
+        assert text == OLD, process.stderr.read()[-2000:]
+    assert beside(out) == [out.name]
+
+
+@pytest.mark.slow
+def test_two_predicts_into_one_output_leave_one_run_whole(tmp_path):
+    model, out = saved_model(tmp_path), tmp_path / "out" / "predictions.csv"
+    out.parent.mkdir()
+    first, second = images(tmp_path / "a", 60), images(tmp_path / "b", 45)
+    runs = [_predict_process(model, first, out), _predict_process(model, second, out)]
+    assert [run.wait(300) for run in runs] == [0, 0], [run.stderr.read()[-2000:] for run in runs]
+    rows = [row["image"] for row in csv.DictReader(io.StringIO(out.read_text()))]
+    assert rows in (list(map(str, first)), list(map(str, second)))  # the last rename wins, never a mixture
+    assert beside(out) == [out.name]
+
+
+def test_an_interrupted_calibrate_leaves_no_temporary_file_beside_the_model(capsys, monkeypatch, tmp_path):
+    import safetensors.torch
+
+    source = model_file.save(plugin_heads_model(), tmp_path / "model.safetensors", provenance={"splits": {"ham10000": {"seed": 3}}})
+    root = make_ham10000(tmp_path / "ham", ham_rows(per_class=4, images_per_lesion=1))
+    out = tmp_path / "out" / "gated.safetensors"
+    out.parent.mkdir()
+    out.write_bytes(b"an earlier gated model")
+    save_file = safetensors.torch.save_file
+
+    def interrupted(tensors, filename, metadata=None):
+        # safetensors writes a `.tmpXXXX` beside the file it is given, then renames it: Ctrl-C or
+        # SIGTERM on the way leaves that temporary behind
+        save_file(tensors, str(Path(filename).with_name(".tmpAbC123")), metadata=metadata)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", interrupted)
+    done = call_mvit(capsys, monkeypatch, "calibrate", "-m", str(source), "--dataset", "ham10000", "--root", str(root),
+                     "--output", str(out), "--device", "cpu")
+    assert done.code == 130 and "Traceback" not in done.stderr
+    assert out.read_bytes() == b"an earlier gated model"
+    assert sorted(entry.name for entry in out.parent.iterdir()) == [out.name]
+
+
+@pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()])
+def test_the_training_curves_are_named_once_and_leave_nothing_when_their_write_fails(tmp_path, monkeypatch, failure):
+    from matplotlib.figure import Figure
+
+    from mvit.errors import DiskFull
+    from mvit.train.run_folder import RunFolder
+
+    history = [{"epoch": e, "unfrozen": 0, "heads": {"mel": {s: {"loss": 1.0 / (e + 1), "balanced_accuracy": 0.5} for s in ("train", "valid")}}}
+               for e in range(2)]
+    run = tmp_path / "run"
+    run.mkdir()
+    folder = RunFolder(run)
+    names = []
+    savefig = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, path, **kw: (names.append(Path(path).name), savefig(fig, path, **kw)))
+    folder.plot(history, "balanced_accuracy")
+    assert sorted(p.name for p in run.iterdir()) == ["curves.png"]
+    assert names == [f".curves.png.{os.getpid()}.partial"]  # one temporary name, not a partial of a partial
+    before = (run / "curves.png").read_bytes()
+
+    def fails(fig, path, **kw):
+        Path(path).write_bytes(b"half a PNG")
+        raise failure
+
+    monkeypatch.setattr(Figure, "savefig", fails)
+    with pytest.raises(DiskFull if isinstance(failure, OSError) else KeyboardInterrupt):
+        folder.plot(history, "balanced_accuracy")
+    assert sorted(p.name for p in run.iterdir()) == ["curves.png"]
+    assert (run / "curves.png").read_bytes() == before
