@@ -221,6 +221,26 @@ def _served(model: Path, images: list[Path], tmp_path: Path) -> list[dict]:
         server.stop()
 
 
+def test_a_sites_images_are_judged_against_the_site_too(adapted):
+    """The site's own gate widens the training images' gate for that site's view: its images pass
+    where the training gate alone flags them, and a flagged image's record says which checks it failed."""
+    model = mvit.load(adapted["model"])
+    site = model.sites[SITE]
+    assert site.gate is not None and site.info.gate.train_images == 24 and site.info.gate.layer == model.ood_gate.info.layer
+    assert set(site.info.colour) == {"L", "a", "b"}
+    images = adapted["images"]
+    alone = model.predict(images, head="dermmel")
+    widened = model.predict(images, head="dermmel", site=SITE)
+    assert sum(p.in_distribution for p in widened) > sum(p.in_distribution for p in alone)
+    assert all(w.in_distribution for a, w in zip(alone, widened) if a.in_distribution)  # a site only widens
+    assert all(p.ood_reason is None for p in alone)  # records without a site are as they were
+    photograph = adapted["images"][0].with_name("photograph.png")
+    _photograph(photograph)
+    [flagged] = model.predict(photograph, head="dermmel", site=SITE)
+    assert flagged.in_distribution is False and f"site {SITE}" in flagged.ood_reason
+    assert flagged.as_dict()["ood_reason"] == flagged.ood_reason
+
+
 def test_info_lists_the_sites_with_their_figures(adapted, capsys, monkeypatch):
     done = call_mvit(capsys, monkeypatch, "info", str(adapted["model"]), "-f", "json")
     assert done.code == 0, done.stderr

@@ -119,6 +119,11 @@ def info_command(
                              _with_interval(figures["base"]), _with_interval(figures["site"]),
                              "yes" if head in site.info.heads else "no"])
         print_table("Sites (cross-validated on each site's images)", ["site", "head", "images", "measure", "base head", "site head", "kept"], rows)
+        for name, site in model.sites.items():
+            colour = ", ".join(f"{k}* {m:.1f} (sd {sd:.1f})" for k, (m, sd) in site.info.colour.items())
+            gate = (f"its own out-of-distribution gate on its {site.info.gate.train_images} images" if site.info.gate
+                    else "no gate of its own")
+            show(f"site {name}: colour {colour or 'not recorded'}; {gate}")
     else:
         show("sites: none (fit one with `mvit adapt`)")
     if model.ood_gate is not None:

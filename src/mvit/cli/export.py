@@ -29,6 +29,7 @@ def export_command(
     gate: bool = typer.Option(True, "--gate/--no-gate", help="output the out-of-distribution gate's score as ood_score, when the model has a gate"),
     sidecar: bool = typer.Option(False, "--sidecar", help="also write the metadata (preprocessing, classes, thresholds, temperatures) to OUTPUT.json"),
     check: bool = typer.Option(True, "--check/--no-check", help="run the file with onnxruntime and compare it with PyTorch (when onnxruntime is installed)"),
+    site: Optional[str] = typer.Option(None, "--site", help="export this site's heads (one export per site; `mvit info` lists a model's sites)"),
 ) -> None:
     """Export a model to ONNX: input `images`, one output of calibrated probabilities per head; preprocessing, classes, thresholds and temperatures in the file's metadata."""
     from mvit.cli.common import load_model
@@ -39,7 +40,7 @@ def export_command(
     if model_file is not None and output.resolve() == model_file.resolve():
         raise MvitError(f"the export would overwrite the model file {model_file}; choose another --output")
     check_writable(output, "--output", folder=False)
-    model = load_model(model_file, "cpu")
+    model = load_model(model_file, "cpu", site)
     names = model.select_heads(heads)  # an unknown head: one sentence, before any work
     exported = export.export_onnx(model, output, names, logits=logits, gate=gate, sidecar=sidecar)
     show(str(exported.path))

@@ -73,7 +73,8 @@ class ExportGraph(nn.Module):
         self.classifiers = nn.ModuleList(copy.deepcopy(model.classifiers[name]).cpu().float().eval() for name in heads)
         self.temperatures = [float(model.heads[name].temperature) for name in heads]
         self.logits = logits
-        self.gate = model.ood_gate if gate else None
+        # a site's view exports the training images' gate (its site gate widens acceptance in mvit only)
+        self.gate = getattr(model.ood_gate, "base", model.ood_gate) if gate else None
         self.gate_layer = None if self.gate is None else self.gate.info.layer
         if self.gate is not None:
             for name, tensor in self.gate.tensors.items():
@@ -151,7 +152,7 @@ def export_metadata(model: Model, heads: list[str], *, logits: bool = False, gat
     if gate and model.ood_gate is not None:
         ood = {
             "output": GATE_OUTPUT,
-            "threshold": model.ood_gate.threshold,
+            "threshold": model.ood_gate.threshold,  # the training images' gate, a site's view included
             "rule": "an image is in distribution when ood_score <= threshold; higher = less like the training images",
             **model.ood_gate.info.model_dump(mode="json"),
         }
@@ -172,6 +173,8 @@ def export_metadata(model: Model, heads: list[str], *, logits: bool = False, gat
         "decision": "a head with a positive class predicts it when its probability is at least the head's threshold, "
         "any other head its most probable class",
         "heads": described,
+        # the site profile whose heads these are (one export per site: `mvit export --site`); None: the base heads
+        "site": model.site,
         "ood_gate": ood,
     }
 
@@ -309,6 +312,10 @@ def torch_outputs(model: Model, images: Tensor, heads: list[str], *, logits: boo
         if logits:
             outputs[logits_output(name)] = found[name]
     if gate and scores is not None:
+        base = getattr(model.ood_gate, "base", None)  # a site's view: the graph holds the training images' gate
+        if base is not None:
+            with torch.inference_mode():
+                scores = base.score(base.features(model.backbone, images.to(device))[1].float()).cpu()
         outputs[GATE_OUTPUT] = scores
     return outputs
 

@@ -16,7 +16,7 @@ from mvit.infer.ood import OODGate
 from mvit.infer.predict import predict
 from mvit.infer.prediction import Prediction
 from mvit.infer.reference import ReferenceFeatures
-from mvit.infer.sites import Site
+from mvit.infer.sites import GateWithSites, Site
 from mvit.nn.heads import ClassifierHead, HeadInfo
 from mvit.nn.vit import VisionTransformer
 from mvit.registry.specs import HeadSpec
@@ -108,6 +108,8 @@ class Model(nn.Module):
             view.classifiers[name] = profile.classifiers.get(name, self.classifiers[name])
             view._head_info[name] = profile.info.heads.get(name, info)
         view.provenance, view.ood_gate, view.reference, view.sites = self.provenance, self.ood_gate, self.reference, self.sites
+        if self.ood_gate is not None and profile.gate is not None:  # judged against the training images and the site's
+            view.ood_gate = GateWithSites(self.ood_gate, {site: profile.gate})
         view.site = site
         return view.train(self.training)
 

@@ -240,6 +240,9 @@ def _load_reference_and_sites(path: Path, model: Model, metadata: ModelMetadata,
             model.sites[name] = Site.from_tensors(info, take(f"{SITE_PREFIX}{name}."), model.backbone.width)
         except (ValueError, RuntimeError) as error:
             raise ModelFileError(f"{path} has a damaged site profile {name!r}: {error}") from None
+        gate = model.sites[name].gate
+        if gate is not None and (model.ood_gate is None or gate.dim != model.ood_gate.dim or gate.info.layer != model.ood_gate.info.layer):
+            raise ModelFileError(f"{path} has a site profile {name!r} whose gate does not read the model's gate's feature")
     stray = sorted({name.split(".")[1] for name in tensors if name.startswith(SITE_PREFIX)})
     if stray:
         raise ModelFileError(f"{path} holds tensors of site {', '.join(stray)}, which its metadata does not describe")

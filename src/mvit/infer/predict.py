@@ -159,9 +159,13 @@ def batch_predictions(
     found: dict[int, list[Prediction]] = {index: [] for index in batch.indices}
     scores: list[Optional[float]] = [None] * len(batch.indices)
     accepted: list[Optional[bool]] = [None] * len(batch.indices)
+    reasons: list[Optional[str]] = [None] * len(batch.indices)
     if batch.ood_scores is not None:
         scores = batch.ood_scores.tolist()
         accepted = model.ood_gate.accepts(batch.ood_scores).tolist()
+        explain = getattr(model.ood_gate, "reason", None)  # a site's view: which checks an image failed
+        if explain is not None:
+            reasons = [explain(score) for score in scores]
     for name, logits in batch.logits.items():
         info = model.heads[name]
         probabilities = calibrated(logits, info).numpy()  # (b, K)
@@ -178,6 +182,7 @@ def batch_predictions(
                     ood_score=scores[row],
                     in_distribution=accepted[row],
                     site=model.site,
+                    ood_reason=reasons[row],
                 )
             )
     return found

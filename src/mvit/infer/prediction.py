@@ -33,6 +33,8 @@ class Prediction:
     ood_score: Optional[float] = None  # higher = less like the training images
     in_distribution: Optional[bool] = None  # ood_score <= the gate's threshold
     site: Optional[str] = None  # the site profile whose heads answered (`mvit adapt`); None: the base heads
+    # with a site whose gate judged the image: why it was flagged (every check it failed), else None
+    ood_reason: Optional[str] = None
 
     @property
     def probability(self) -> Optional[float]:
@@ -41,10 +43,12 @@ class Prediction:
 
     def as_dict(self) -> dict:
         """The record as the CLI's JSON writes it: every field, and `probability` after `label`;
-        `site` only when a site answered (so records without sites are as they always were)."""
+        `site` and `ood_reason` only where they say something (so records without sites are as
+        they always were)."""
         record = {**asdict(self), "probabilities": dict(self.probabilities)}
-        if record["site"] is None:
-            del record["site"]
+        for optional in ("site", "ood_reason"):
+            if record[optional] is None:
+                del record[optional]
         at = list(record).index("label") + 1
         items = list(record.items())
         return dict(items[:at] + [("probability", self.probability)] + items[at:])

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
+from mvit.infer.ood import GateInfo, OODGate
 from mvit.nn.heads import ClassifierHead, HeadInfo
 from mvit.registry.specs import NAME_PATTERN
 
 TENSOR_PREFIX = "site."
+GATE = "_gate."  # a site's gate tensors, `site.<name>._gate.<tensor>` (no head name starts with "_")
 
 
 class SiteInfo(BaseModel):
@@ -37,6 +40,10 @@ class SiteInfo(BaseModel):
     labels: str = ""  # the labels file the site was fitted from, as given
     created: str = ""
     site_weight: float = 1.0  # the site's total weight against the base head's training images
+    # the site's own out-of-distribution gate on its images' features (the model's gate's feature and method)
+    gate: Optional[GateInfo] = None
+    # the site's colour: CIELAB L*, a*, b* of its images, each [mean, standard deviation] over the images
+    colour: dict[str, list[float]] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _consistent(self) -> "SiteInfo":
@@ -51,11 +58,14 @@ class SiteInfo(BaseModel):
 class Site:
     """A loaded site profile: its facts and its heads' modules."""
 
-    def __init__(self, info: SiteInfo, classifiers: Mapping[str, ClassifierHead]):
+    def __init__(self, info: SiteInfo, classifiers: Mapping[str, ClassifierHead], gate: Optional[OODGate] = None):
         if sorted(classifiers) != sorted(info.heads):
             raise ValueError(f"site {info.name!r} describes heads {sorted(info.heads)} but holds weights for {sorted(classifiers)}")
+        if (gate is None) != (info.gate is None):
+            raise ValueError(f"site {info.name!r} {'describes a gate it has no tensors for' if gate is None else 'has gate tensors its metadata does not describe'}")
         self.info = info
         self.classifiers = dict(classifiers)
+        self.gate = gate
 
     @property
     def name(self) -> str:
@@ -63,8 +73,12 @@ class Site:
 
     def tensors_to_save(self) -> dict[str, Tensor]:
         """`site.<name>.<head>.<parameter>` for every head of the site."""
-        return {f"{TENSOR_PREFIX}{self.name}.{head}.{key}": value.detach().to("cpu").contiguous()
-                for head, module in self.classifiers.items() for key, value in module.state_dict().items()}
+        tensors = {f"{TENSOR_PREFIX}{self.name}.{head}.{key}": value.detach().to("cpu").contiguous()
+                   for head, module in self.classifiers.items() for key, value in module.state_dict().items()}
+        if self.gate is not None:
+            tensors.update({f"{TENSOR_PREFIX}{self.name}.{GATE}{key[len('ood.'):]}": value
+                            for key, value in self.gate.tensors_to_save().items()})
+        return tensors
 
     @classmethod
     def from_tensors(cls, info: SiteInfo, tensors: Mapping[str, Tensor], width: int) -> "Site":
@@ -83,7 +97,11 @@ class Site:
                                      f"the head needs {tuple(expected[key].shape)}")
             module.load_state_dict({key: value.float() for key, value in state.items()})
             classifiers[head] = module.eval()
-        return cls(info, classifiers)
+        gate_tensors = {key[len(GATE):]: value for key, value in tensors.items() if key.startswith(GATE)}
+        gate = OODGate(info.gate, gate_tensors) if info.gate is not None else None
+        if gate is None and gate_tensors:
+            raise ValueError(f"site {info.name!r} has gate tensors its metadata does not describe")
+        return cls(info, classifiers, gate)
 
     def __repr__(self) -> str:
         return f"Site({self.name!r}, heads {', '.join(self.info.heads)}, {self.info.images} images)"
@@ -97,3 +115,39 @@ def check_site_heads(site: SiteInfo, base: Mapping[str, HeadInfo]) -> Optional[s
         if info.classes != base[name].classes or info.positive != base[name].positive:
             return f"site {site.name!r} head {name!r} has classes {list(info.classes)}, the base head {list(base[name].classes)}"
     return None
+
+
+class GateWithSites:
+    """The model's gate widened by site gates, as a site's view of the model uses it: an image is in
+    distribution when it is like the training images *or* like the site's images. Duck-types
+    `OODGate` for prediction: `features`, `score`, `accepts`, `threshold`, `info`.
+
+    A score is on the training gate's scale whatever gate it comes from: each gate's score over its
+    own threshold, the smallest of them, times the training gate's threshold. So `ood_score` keeps
+    its meaning (at most `threshold`: in distribution), and is the training gate's own score for
+    an image like the training images."""
+
+    def __init__(self, base: OODGate, sites: Mapping[str, OODGate]):
+        self.base, self.sites = base, dict(sites)
+        self.info, self.method, self.threshold, self.dim = base.info, base.method, base.threshold, base.dim
+
+    def features(self, backbone, images: Tensor) -> tuple[Tensor, Tensor]:
+        return self.base.features(backbone, images)  # every site gate reads the training gate's feature
+
+    def score(self, features: Tensor) -> Tensor:
+        ratios = [gate.score(features) / gate.threshold for gate in (self.base, *self.sites.values())]
+        return torch.stack(ratios).min(dim=0).values * self.base.threshold  # (B,)
+
+    def accepts(self, scores: Tensor) -> Tensor:
+        return self.base.accepts(scores)
+
+    def reason(self, score: float) -> Optional[str]:
+        """Why an image was flagged (None when it was not): every check it failed, and how far."""
+        if score <= self.threshold:
+            return None
+        sites = ", ".join(self.sites)
+        return (f"unlike the training images and the images of site {sites}: {score:.3g} against {self.threshold:.3g} "
+                f"on the training gate's scale for the nearest of them")
+
+    def tensors_to_save(self) -> dict[str, Tensor]:
+        return self.base.tensors_to_save()  # a view saved as a file keeps the model's own gate

@@ -28,12 +28,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mvit.data.colour import lab_statistics
 from mvit.data.dataset import BadImages, loader_workers
+from mvit.data.images import load_image
 from mvit.data.features import FeatureCache, fingerprint
 from mvit.errors import ConfigError, DatasetError, MvitError
 from mvit.evaluate.calibration import choose_threshold, fit_temperature
 from mvit.evaluate.gate import gate_features
 from mvit.infer.model import Model
+from mvit.infer.ood import OODGate, fit_tensors
 from mvit.infer.prediction import calibrated
 from mvit.infer.sites import Site, SiteInfo
 from mvit.nn.heads import ClassifierHead, HeadInfo
@@ -94,8 +97,11 @@ def adapt(model: Model, site: str, samples: Sequence[Sample], options: AdaptOpti
     features_cache.prepare()
     say(f"backbone features of {count(len(paths), 'image')}")
     features = features_cache.load(model.backbone, model.preprocessing, paths, device=device, dtype=dtype, workers=workers)
-    if not options.include_flagged:
-        _check_flagged(model, paths, cache, precision, workers, say)
+    looked_at = None  # the gate's feature of each image (n, D), where the model has a gate
+    if model.ood_gate is not None:
+        looked_at = gate_features(model, paths, model.ood_gate.info.layer, cache, precision, workers, say)
+        if not options.include_flagged:
+            _check_flagged(model.ood_gate, looked_at, paths)
     result = Adaptation(site, len(samples))
     groups = [sample.group for sample in samples]
     for name, column in targets.items():
@@ -107,8 +113,11 @@ def adapt(model: Model, site: str, samples: Sequence[Sample], options: AdaptOpti
         info = SiteInfo(name=site, heads={r.name: r.info for r in adopted}, images=len(samples), labels=labels,
                         counts={r.name: r.report["classes"] for r in adopted},
                         report={r.name: r.report for r in result.results},
-                        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), site_weight=options.site_weight)
-        model.sites[site] = Site(info, {r.name: r.head for r in adopted})
+                        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), site_weight=options.site_weight,
+                        colour=lab_statistics(load_image(path) for path in paths))
+        gate = None if looked_at is None else site_gate(model.ood_gate, looked_at, options.seed)
+        info = info.model_copy(update={"gate": None if gate is None else gate.info})
+        model.sites[site] = Site(info, {r.name: r.head for r in adopted}, gate)
     return result
 
 
@@ -293,16 +302,12 @@ def _proportion(hits: int, total: int) -> dict:
 # ---- images unlike the training images -------------------------------------------------------------
 
 
-def _check_flagged(model: Model, paths: list[Path], cache: Path, precision: str, workers: int,
-                   say: Callable[[str], None]) -> None:
+def _check_flagged(gate, looked_at: Tensor, paths: list[Path]) -> None:
     """Refuse images the model's gate flags unless the user has looked at them: a photograph, a
     screenshot or another modality among the labels would teach the site's heads nonsense. The
     gate cannot tell those from a clinic's real but unusual lesions (measured: PH2's most unusual
-    lesions score as high as photographs do, docs/results.md), so the user decides."""
-    gate = model.ood_gate
-    if gate is None:
-        return
-    scores = gate.score(gate_features(model, paths, gate.info.layer, cache, precision, workers, say)).numpy()
+    lesions score as high as crops of photographs do, docs/results.md), so the user decides."""
+    scores = gate.score(looked_at).numpy()
     flagged = np.flatnonzero(scores > gate.threshold)
     if len(flagged):
         first = flagged[np.argmax(scores[flagged])]
@@ -310,3 +315,21 @@ def _check_flagged(model: Model, paths: list[Path], cache: Path, precision: str,
                            f"trained on (its out-of-distribution gate flags them; the most unusual: {paths[first]}, score "
                            f"{scores[first]:.1f} against {gate.threshold:.1f}); look at them, take out any that is not a "
                            f"dermoscopic image, and pass --include-flagged to learn from the rest")
+
+
+def site_gate(gate: OODGate, looked_at: Tensor, seed: int = 0) -> Optional[OODGate]:
+    """The site's own gate: the model gate's method on the site images' features (n, D), its
+    threshold accepting the same share of the site's images, each scored by a gate fitted without
+    it (5 folds: a gate scores its own images as closer than new ones). None for fewer than 10 images."""
+    from sklearn.model_selection import KFold
+
+    n = len(looked_at)
+    if n < 10:
+        return None
+    held_out = np.zeros(n)
+    for train, test in KFold(5, shuffle=True, random_state=seed).split(np.zeros(n)):
+        fold = OODGate(gate.info, fit_tensors(looked_at[train], gate.method))
+        held_out[test] = fold.score(looked_at[test]).numpy()
+    threshold = float(np.quantile(held_out, gate.info.quantile, method="higher"))
+    info = gate.info.model_copy(update={"threshold": threshold, "train_images": n, "valid_images": n, "datasets": []})
+    return OODGate(info, fit_tensors(looked_at, gate.method))
