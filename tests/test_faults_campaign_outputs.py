@@ -4,6 +4,8 @@ and settings that train checks as predict does.
 (4) `predict --output`, `calibrate --output` and the training curves are written aside and renamed
 into place: Ctrl-C, SIGTERM, a full disk or a second writer never leave half a file under the final
 name, and the temporary files go with the failure; a full disk has its own exit status, 3.
+(7) a training config that is not UTF-8, negative workers, a device that is not there, a plugin
+loader that returns dicts and a torchrun environment torchrun did not set are one sentence each.
 docs/reliability.md lists the same faults and promises.
 """
 
@@ -21,11 +23,17 @@ from pathlib import Path
 
 import pytest
 
-from clirun import call_mvit
+import torch
+
+from clirun import call_mvit, run_mvit
 from datasets_factory import ham_rows, make_ham10000, write_image
 from inference_models import plugin_heads_model, saved_model
 from mvit.cli import predict as predict_cli
+from mvit.errors import PluginError
 from mvit.infer import model_file
+from mvit.registry import DatasetSpec, hookimpl, manager
+from mvit.registry.records import load_samples
+from training_data import make_learnable_dermmel, write_tiny_config
 
 OLD = "the previous run's predictions, which must stay whole\n"
 
@@ -187,3 +195,80 @@ def test_the_training_curves_are_named_once_and_leave_nothing_when_their_write_f
         folder.plot(history, "balanced_accuracy")
     assert sorted(p.name for p in run.iterdir()) == ["curves.png"]
     assert (run / "curves.png").read_bytes() == before
+
+
+# ---- (7) settings train checks as predict does --------------------------------------------------
+
+
+@pytest.fixture
+def config_file(tmp_path):
+    root = make_learnable_dermmel(tmp_path / "data", per_class_train=4, per_class_eval=2)
+    return write_tiny_config(tmp_path / "c.toml", root)
+
+
+def _one_sentence(done, *words: str) -> str:
+    assert done.code == 2, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error: "), done.stderr
+    assert "Value error" not in errors[0]
+    for word in words:
+        assert word in errors[0], errors[0]
+    return errors[0]
+
+
+def test_a_config_that_is_not_utf8_is_one_sentence(config_file, capsys, monkeypatch):
+    config_file.write_bytes(config_file.read_bytes() + b'\n# caf\xe9 au lait\n')
+    for command in (["train", str(config_file)], ["extract", str(config_file)]):
+        _one_sentence(call_mvit(capsys, monkeypatch, *command), str(config_file), "UTF-8")
+
+
+@pytest.mark.parametrize("setting, words", [
+    ("training.workers=-1", ["--set training.workers=-1", "training.workers", "0", "auto"]),
+    ('training.device="tpu"', ["training.device", "'tpu' is not a device", "cpu"]),
+    ('training.device="cuda:x"', ["training.device", "not a device"]),
+])
+def test_training_settings_are_checked_when_the_config_is_read(config_file, capsys, monkeypatch, setting, words):
+    for command in ("train", "extract"):
+        _one_sentence(call_mvit(capsys, monkeypatch, command, str(config_file), "--set", setting), *words)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a host without a CUDA GPU")
+def test_cuda_on_a_host_without_a_gpu_is_one_sentence_naming_the_field(config_file, capsys, monkeypatch):
+    done = call_mvit(capsys, monkeypatch, "train", str(config_file), "--set", 'training.device="cuda"')
+    _one_sentence(done, "training.device", "CUDA GPU", "use cpu")
+    done = call_mvit(capsys, monkeypatch, "train", str(config_file), "--device", "cuda:1")
+    _one_sentence(done, "training.device")
+
+
+class _DictsPlugin:
+    """A plugin whose loader returns dicts where `Sample`s belong: a plugin author's mistake."""
+
+    @hookimpl
+    def register_datasets(self, register):
+        register(DatasetSpec(name="dicts", title="dicts", labels=("a", "b"),
+                             load=lambda root: [{"path": p, "label": p.parent.name} for p in sorted(root.glob("*/*.jpg"))]))
+
+
+def test_a_plugin_loader_that_returns_dicts_is_one_sentence_naming_the_plugin(tmp_path):
+    for label in ("a", "b"):
+        for k in range(3):
+            write_image(tmp_path / "d" / label / f"{label}{k}.jpg", size=(40, 30))
+    with manager.temporary_plugins(_DictsPlugin()):
+        with pytest.raises(PluginError) as raised:
+            load_samples("dicts", tmp_path / "d")
+    sentence = str(raised.value)
+    assert "\n" not in sentence and "dicts loader of plugin" in sentence and "dict where a mvit.registry.Sample belongs" in sentence
+
+
+@pytest.mark.parametrize("environment, words", [
+    ({"WORLD_SIZE": "abc"}, ["WORLD_SIZE is 'abc', not a whole number", "torchrun"]),
+    ({"WORLD_SIZE": "2", "RANK": "zz"}, ["RANK is 'zz', not a whole number"]),
+    ({"WORLD_SIZE": "2"}, ["WORLD_SIZE is 2 but RANK is not set"]),
+    ({"WORLD_SIZE": "2", "RANK": "5"}, ["RANK is 5, outside 0 to 1"]),
+])
+def test_a_torchrun_environment_torchrun_did_not_set_is_one_sentence(config_file, tmp_path, environment, words):
+    image = write_image(tmp_path / "lesion.jpg", size=(40, 30))
+    for command in (["predict", "-m", str(saved_model(tmp_path)), str(image)], ["train", str(config_file)]):
+        done = run_mvit(*command, env=environment)
+        _one_sentence(done, *words)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -143,6 +142,7 @@ def _find_images(arguments: list[str]) -> tuple[list, list[str]]:
     """The images the arguments name (image files, the files of folders and globs, and `-` or
     /dev/stdin for one image read from standard input), each with its name for the output; or one
     sentence saying there are none."""
+    from mvit.data.distributed import environment_world
     from mvit.data.images import EncodedImage, find_image_files
 
     items: list = []
@@ -160,7 +160,7 @@ def _find_images(arguments: list[str]) -> tuple[list, list[str]]:
     for argument in arguments:
         if argument not in STDIN_NAMES:
             pending.append(argument)
-        elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        elif environment_world() > 1:
             raise MvitError(f"{argument} (an image on standard input) cannot be shared out between torchrun processes; save it to a file and name that")
         elif stdin_name is None:  # standard input is read once, however often it is named
             flush()

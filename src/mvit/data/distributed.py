@@ -32,11 +32,42 @@ EXIT_INTERRUPTED = 130
 
 def environment_rank() -> int:
     """This process's torchrun rank (0 without torchrun), from the environment torchrun sets."""
-    return int(os.environ.get("RANK", "0"))
+    world = environment_world()
+    rank = _environment_number("RANK", 0 if world == 1 else None)
+    if not 0 <= rank < world:
+        raise MvitError(f"the environment variable RANK is {rank}, outside 0 to {world - 1} (WORLD_SIZE is {world}); "
+                        f"start the processes with torchrun, which sets both, or unset them")
+    return rank
 
 
 def environment_world() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    """How many processes torchrun started (1 without torchrun); one sentence when the environment
+    says something torchrun would not (WORLD_SIZE=abc, or WORLD_SIZE=2 without RANK)."""
+    world = _environment_number("WORLD_SIZE", 1)
+    if world < 1:
+        raise MvitError(f"the environment variable WORLD_SIZE is {world}, and a run needs 1 process or more; "
+                        f"start the processes with torchrun, which sets it, or unset it")
+    if world > 1 and "RANK" not in os.environ:
+        raise MvitError(f"the environment variable WORLD_SIZE is {world} but RANK is not set; start the processes "
+                        f"with torchrun, which sets both, or unset WORLD_SIZE")
+    return world
+
+
+def environment_local_rank() -> int:
+    """This process's rank on its machine (its GPU under torchrun), 0 without torchrun."""
+    return _environment_number("LOCAL_RANK", 0)
+
+
+def _environment_number(name: str, default: Optional[int]) -> int:
+    """A whole number torchrun puts in the environment, read as the user may have set it by hand."""
+    text = os.environ.get(name)
+    if text is None and default is not None:
+        return default
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        raise MvitError(f"the environment variable {name} is {text!r}, not a whole number; it is torchrun's to set: "
+                        f"start the processes with torchrun, or unset {name}") from None
 
 
 def local_device(name: str) -> str:
@@ -46,14 +77,17 @@ def local_device(name: str) -> str:
         return name
     from mvit.nn.precision import resolve_device
 
-    return str(resolve_device(name, int(os.environ.get("LOCAL_RANK", "0"))))
+    return str(resolve_device(name, environment_local_rank()))
 
 
 def quiet_unless_rank_zero() -> None:
     """For a command-line process: on every torchrun rank but 0, what mvit prints (stdout and stderr,
     its error sentences included) goes nowhere from now on, so a run speaks once, through rank 0.
     A crash's traceback (a bug) still reaches the real stderr."""
-    if environment_rank() == 0:
+    try:
+        if environment_rank() == 0:
+            return
+    except MvitError:  # an environment torchrun did not set: the command that reads it says so, so keep speaking
         return
     real_stderr = sys.stderr
     sink = open(os.devnull, "w")
@@ -97,6 +131,11 @@ class Processes:
             return cls()
         import torch.distributed as dist
 
+        environment_rank()  # RANK=zz: one sentence, not torch's traceback
+        missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+        if missing and not dist.is_initialized():
+            raise MvitError(f"WORLD_SIZE is {world} but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set; "
+                            f"start the processes with torchrun, which sets them, or unset WORLD_SIZE")
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
         return cls(dist.get_rank(), world)
@@ -108,7 +147,7 @@ class Processes:
     @property
     def local_world(self) -> int:
         """How many of the processes run on this machine (they share its CPUs)."""
-        return int(os.environ.get("LOCAL_WORLD_SIZE", str(self.world)))
+        return _environment_number("LOCAL_WORLD_SIZE", self.world)
 
     def barrier(self) -> None:
         if self.world > 1:

@@ -83,3 +83,23 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def device_problem(name: str) -> Optional[str]:
+    """Why the device `name` cannot run here, in words; None when it can (`auto` always can)."""
+    import torch
+
+    usable = "use auto, cpu, cuda, cuda:N or mps"
+    try:
+        device = resolve_device(name)
+    except (RuntimeError, ValueError):  # torch.device("tpu"): "Expected one of cpu, cuda, ..."
+        return f"{name!r} is not a device mvit runs on; {usable}"
+    if device.type not in ("cpu", "cuda", "mps"):
+        return f"{name!r} is not a device mvit runs on; {usable}"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return f"{name!r} asks for a CUDA GPU, and PyTorch sees none here; use cpu (or auto, which takes a GPU where there is one)"
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        return f"{name!r} asks for GPU {device.index}, and this machine has {torch.cuda.device_count()} (cuda:0 to cuda:{torch.cuda.device_count() - 1})"
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        return f"{name!r} asks for Apple's MPS, which is not available here; use cpu or auto"
+    return None

@@ -49,6 +49,7 @@ def read_dataset(spec: DatasetSpec, root: Path | str) -> list[Sample]:
             f"the {spec.name} loader of plugin {provider} failed on {root} with {type(error).__name__}: "
             f"{error}; report this to the plugin's author (MVIT_DEBUG=1 shows its traceback)"
         ) from error
+    _check_records(spec.name, provider, samples)
     if not samples:
         raise DatasetError(f"the {spec.name} folder {root} holds no labelled images; expected {spec.layout}")
     for sample in samples:
@@ -58,6 +59,18 @@ def read_dataset(spec: DatasetSpec, root: Path | str) -> list[Sample]:
                 f"(its labels: {', '.join(spec.labels)}); fix the label or remove the image"
             )
     return samples
+
+
+def _check_records(dataset: str, provider: str, samples) -> None:
+    """A loader's answer must be a list of `Sample`s: anything else (dicts, tuples, None) is the
+    plugin's bug, named here rather than as an AttributeError deep inside splitting or training."""
+    if not isinstance(samples, (list, tuple)):
+        raise PluginError(f"the {dataset} loader of plugin {provider} returned {type(samples).__name__}, not a list of "
+                          f"mvit.registry.Sample; report this to the plugin's author")
+    wrong = next((item for item in samples if not isinstance(item, Sample)), None)
+    if wrong is not None:
+        raise PluginError(f"the {dataset} loader of plugin {provider} returned a {type(wrong).__name__} where a "
+                          f"mvit.registry.Sample belongs (Sample(path=..., label=...)); report this to the plugin's author")
 
 
 def load_samples(dataset: str, root: Path | str) -> list[Sample]:

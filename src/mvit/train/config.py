@@ -11,12 +11,12 @@ import tomllib
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mvit.infer import model_file, ood
 from mvit.data.transforms import Augmentation, Preprocessing
 from mvit.errors import ConfigError, MvitError
-from mvit.nn.precision import TrainingPrecision
+from mvit.nn.precision import TrainingPrecision, device_problem
 
 
 BUNDLED = "bundled"  # backbone.init: the model file that comes with mvit (mvit.load())
@@ -113,6 +113,23 @@ class TrainingConfig(_Strict):
     # heads are linear, else by epochs; "epochs" always by epochs of the optimiser
     head_fit: Literal["auto", "closed_form", "epochs"] = "auto"
 
+    @field_validator("device")
+    @classmethod
+    def _runs_here(cls, device: str) -> str:
+        """Checked when the config is read, as `--device` is for predict: not by a traceback mid-run."""
+        problem = device_problem(device)
+        if problem is not None:
+            raise ValueError(problem)
+        return device
+
+    @field_validator("workers")
+    @classmethod
+    def _workers(cls, workers: Union[int, str]) -> Union[int, str]:
+        if isinstance(workers, int) and workers < 0:
+            raise ValueError(f"workers is the number of decoding processes, 0 (decode in the training process) or more, "
+                             f"or \"auto\"; got {workers}")
+        return workers
+
 
 class GateConfig(_Strict):
     """The out-of-distribution gate fitted at the end of a run (`mvit.infer.ood`)."""
@@ -170,9 +187,12 @@ def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None) -
     """
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))  # TOML is UTF-8, whatever the locale says
     except FileNotFoundError:
         raise ConfigError(f"no config file at {path}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {error.start} cannot be read); a config is a TOML file: "
+                          f"save it as UTF-8") from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path} is not valid TOML: {error}") from None
     for item in overrides or []:
@@ -207,10 +227,11 @@ def validate_config(raw: dict, source: str = "the config", overridden: Optional[
         first = error.errors()[0]
         loc = tuple(str(part) for part in first["loc"])
         where = ".".join(loc) or "(top level)"
+        message = first["msg"].removeprefix("Value error, ")  # pydantic's prefix for our own sentences
         for key, item in (overridden or {}).items():
             if key and loc and (loc[: len(key)] == key or key[: len(loc)] == loc):  # the value set, or a field within it
-                raise ConfigError(f"--set {item}: {where}: {first['msg']}") from None
-        raise ConfigError(f"{source}: {where}: {first['msg']}") from None
+                raise ConfigError(f"--set {item}: {where}: {message}") from None
+        raise ConfigError(f"{source}: {where}: {message}") from None
     return _with_init_preprocessing(config)
 
 

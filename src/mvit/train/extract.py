@@ -3,11 +3,10 @@ datasets, ahead of training (shared out between processes under torchrun)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from mvit.data.dataset import BadImages
-from mvit.data.distributed import Processes
+from mvit.data.distributed import Processes, environment_local_rank
 from mvit.data.features import FeatureCache
 from mvit.nn.precision import autocast_dtype, resolve_device
 from mvit.progress import progress_bar
@@ -22,7 +21,7 @@ def extract(config: TrainConfig, *, console=None) -> Path:
     from rich.console import Console
 
     console = console or Console(stderr=True)
-    device = resolve_device(config.training.device, int(os.environ.get("LOCAL_RANK", "0")))
+    device = resolve_device(config.training.device, environment_local_rank())
     processes = Processes.from_environment(device.type)
     say = (lambda message: console.print(message, highlight=False, markup=False)) if processes.main else (lambda message: None)
     tasks = build_tasks(config, say)
