@@ -315,3 +315,20 @@ def test_bad_input_to_adapt_is_one_sentence_and_writes_nothing(mistake, base_mod
     assert done.stderr.count("error") == 1
     assert says.format(folder=tmp_path) in done.stderr
     assert not out.exists() and not list(tmp_path.glob("*.adapt.json"))
+
+
+def test_an_onnx_export_is_one_site_or_the_base_heads(adapted, tmp_path, capsys, monkeypatch):
+    """`mvit export --site`: the site's heads and thresholds in the graph and its metadata, checked
+    against mvit; the graph's gate is the training images' (the site's gate widens it in mvit only)."""
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip install 'mvit[onnx]')")
+    from mvit.infer.export import read_metadata
+
+    out = tmp_path / "clinic.onnx"
+    done = call_mvit(capsys, monkeypatch, "export", str(adapted["model"]), "--site", SITE, "-H", "dermmel", "-o", str(out))
+    assert done.code == 0, done.stderr
+    metadata = read_metadata(out)
+    site_head = mvit.load(adapted["model"]).with_site(SITE).heads["dermmel"]
+    assert metadata["site"] == SITE and metadata["heads"]["dermmel"]["threshold"] == site_head.threshold
+    base = tmp_path / "base.onnx"
+    assert call_mvit(capsys, monkeypatch, "export", str(adapted["model"]), "-H", "dermmel", "-o", str(base)).code == 0
+    assert read_metadata(base)["site"] is None
