@@ -4,6 +4,9 @@ and settings that train checks as predict does.
 (4) `predict --output`, `calibrate --output` and the training curves are written aside and renamed
 into place: Ctrl-C, SIGTERM, a full disk or a second writer never leave half a file under the final
 name, and the temporary files go with the failure; a full disk has its own exit status, 3.
+(6) `mvit serve`: a body that stalls gets 408 and frees its place in the queue, one client address
+holds at most --max-client-requests uploads (429 above), a wrong Host and a form cut before its
+closing boundary are refused in JSON, 400.
 (7) a training config that is not UTF-8, negative workers, a device that is not there, a plugin
 loader that returns dicts and a torchrun environment torchrun did not set are one sentence each.
 docs/reliability.md lists the same faults and promises.
@@ -13,9 +16,12 @@ from __future__ import annotations
 
 import csv
 import errno
+import http.client
 import io
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,6 +29,7 @@ from pathlib import Path
 
 import pytest
 
+import httpx
 import torch
 
 from clirun import call_mvit, run_mvit
@@ -33,6 +40,7 @@ from mvit.errors import PluginError
 from mvit.infer import model_file
 from mvit.registry import DatasetSpec, hookimpl, manager
 from mvit.registry.records import load_samples
+from serving import start_server
 from training_data import make_learnable_dermmel, write_tiny_config
 
 OLD = "the previous run's predictions, which must stay whole\n"
@@ -272,3 +280,104 @@ def test_a_torchrun_environment_torchrun_did_not_set_is_one_sentence(config_file
     for command in (["predict", "-m", str(saved_model(tmp_path)), str(image)], ["train", str(config_file)]):
         done = run_mvit(*command, env=environment)
         _one_sentence(done, *words)
+
+
+# ---- (6) `mvit serve` under clients that stall -----------------------------------------------------
+
+
+def _stalled(server, image: Path, *, size_claimed: int = 0) -> socket.socket:
+    """A connection that sends a predict request's headers and a few bytes of its body, then stalls."""
+    body = (b"--xyz\r\nContent-Disposition: form-data; name=\"images\"; filename=\"slow.jpg\"\r\n\r\n"
+            + image.read_bytes() + b"\r\n--xyz--\r\n")
+    host, port = server.url.removeprefix("http://").split(":")
+    connection = socket.create_connection((host, int(port)))
+    connection.settimeout(120)
+    connection.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=xyz\r\n"
+                       + f"Content-Length: {size_claimed or len(body)}\r\n\r\n".encode() + body[:100])
+    return connection
+
+
+def _answer(connection: socket.socket) -> tuple[int, dict, dict]:
+    """The status, headers and JSON body of the answer on a raw connection."""
+    response = http.client.HTTPResponse(connection)
+    response.begin()
+    return response.status, {k.lower(): v for k, v in response.getheaders()}, json.loads(response.read())
+
+
+def _waiting(server) -> int:
+    return server.client.get("/healthz").json()["waiting_images"]
+
+
+def _until(condition) -> None:
+    """Wait for `condition()`: it holds once the server has handled what the test sent (no time is asserted)."""
+    for _ in range(1200):
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError("the server never got there")
+
+
+def _predict_ok(client, image: Path) -> None:
+    answer = client.post("/v1/predict", files=[("images", ("a.jpg", image.read_bytes(), "image/jpeg"))], data={"head": "dermmel"})
+    assert answer.status_code == 200, answer.text
+
+
+@pytest.mark.slow
+def test_stalled_uploads_get_408_and_free_the_queue(tmp_path):
+    model, image = saved_model(tmp_path), write_image(tmp_path / "lesion.jpg", size=(48, 40))
+    server = start_server("--model", str(model), "--max-queue", "4", "--max-batch", "4", "--body-timeout-s", "1", log=tmp_path / "log")
+    try:
+        stalled = [_stalled(server, image) for _ in range(6)]  # more than the queue holds
+        for connection in stalled:
+            status, headers, body = _answer(connection)
+            assert status in (408, 503), body
+            assert list(body) == ["error"]
+            if status == 408:
+                assert "did not arrive within 1 s" in body["error"]
+            connection.close()
+        assert _waiting(server) == 0  # every place they held is free again
+        _predict_ok(server.client, image)
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_one_client_cannot_hold_every_upload_slot(tmp_path):
+    model, image = saved_model(tmp_path), write_image(tmp_path / "lesion.jpg", size=(48, 40))
+    server = start_server("--model", str(model), "--max-client-requests", "2", "--body-timeout-s", "600", log=tmp_path / "log")
+    stalled = []
+    try:
+        stalled = [_stalled(server, image) for _ in range(2)]
+        _until(lambda: _waiting(server) == 2)
+        refused = server.client.post("/v1/predict", files=[("images", ("a.jpg", image.read_bytes(), "image/jpeg"))])
+        assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
+        assert list(refused.json()) == ["error"] and "2 requests in flight" in refused.json()["error"]
+        # another client (another loopback address) is answered meanwhile
+        with httpx.Client(base_url=server.url, timeout=60, transport=httpx.HTTPTransport(local_address="127.0.0.2")) as other:
+            _predict_ok(other, image)
+        for connection in stalled:
+            connection.close()
+        _until(lambda: _waiting(server) == 0)
+        _predict_ok(server.client, image)
+    finally:
+        for connection in stalled:
+            connection.close()
+        server.stop()
+
+
+@pytest.mark.slow
+def test_a_wrong_host_and_a_cut_form_are_refused_in_json(tmp_path):
+    model, image = saved_model(tmp_path), write_image(tmp_path / "lesion.jpg", size=(48, 40))
+    server = start_server("--model", str(model), log=tmp_path / "log")
+    try:
+        wrong = server.client.get("/healthz", headers={"Host": "rebound.example"})
+        assert wrong.status_code == 400 and list(wrong.json()) == ["error"]
+        assert "rebound.example" in wrong.json()["error"] and "--allowed-host" in wrong.json()["error"]
+        part = (b"--xyz\r\nContent-Disposition: form-data; name=\"images\"; filename=\"a.jpg\"\r\n\r\n" + image.read_bytes())
+        for cut in (part, part + b"\r\n--xyz\r\n"):  # no closing boundary: the last part is cut short
+            answer = server.client.post("/v1/predict", content=cut, headers={"Content-Type": "multipart/form-data; boundary=xyz"})
+            assert answer.status_code == 400, answer.text
+            assert list(answer.json()) == ["error"] and "closing boundary" in answer.json()["error"]
+        _predict_ok(server.client, image)
+    finally:
+        server.stop()

@@ -32,6 +32,8 @@ def serve_command(
     max_upload_mb: float = typer.Option(DEFAULTS["max_upload_bytes"] / 2**20, "--max-upload-mb", min=0.001, help="largest request body, in MiB (413 above)"),
     max_images: int = typer.Option(DEFAULTS["max_images"], "--max-images", min=1, help="most files in one /v1/predict request"),
     max_pixels: int = typer.Option(DEFAULTS["max_pixels"], "--max-pixels", min=1, help="largest image, in pixels, read from its header before decoding (413 above)"),
+    body_timeout_s: float = typer.Option(DEFAULTS["body_timeout_s"], "--body-timeout-s", help="seconds a request's body may take to arrive (408 after, freeing its place in the queue)"),
+    max_client_requests: int = typer.Option(DEFAULTS["max_client_requests"], "--max-client-requests", min=1, help="upload requests in flight per client address (429 and Retry-After above)"),
     root_path: str = typer.Option("", "--root-path", help="the path prefix a reverse proxy serves mvit under, e.g. /mvit"),
     allowed_host: list[str] = typer.Option([], "--allowed-host", help="a Host header to accept (repeat; default: the loopback names on loopback, else any)"),
     log_level: str = typer.Option("info", "--log-level", help="the server's log: critical, error, warning, info or debug"),
@@ -47,7 +49,7 @@ def serve_command(
         settings = ServeSettings(
             model=model_file, host=host, port=port, token=token, device=device, precision=precision.value, workers=workers,
             max_batch=max_batch, max_wait_ms=max_wait_ms, model_threads=model_threads, max_queue=max_queue, max_upload_bytes=round(max_upload_mb * 2**20),
-            max_images=max_images, max_pixels=max_pixels, root_path=root_path.rstrip("/"), allowed_hosts=tuple(allowed_host),
+            max_images=max_images, max_pixels=max_pixels, body_timeout_s=body_timeout_s, max_client_requests=max_client_requests, root_path=root_path.rstrip("/"), allowed_hosts=tuple(allowed_host),
         )
     except ValidationError as error:
         first = error.errors()[0]

@@ -35,6 +35,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from mvit import __version__
 from mvit.infer.model import Model
 from mvit.infer.prediction import thresholds_for
+from mvit.serve.clients import ClientSlots
 from mvit.serve.service import ATTENTION_MAPS, Service, admitted
 from mvit.serve.settings import ServeSettings
 from mvit.serve.uploads import ApiError, read_form
@@ -99,10 +100,13 @@ FILES = {"type": "array", "items": {"type": "string", "format": "binary"}}
 HEADS = {"type": "array", "items": {"type": "string"}, "description": "head names, repeated; `all` (the default) for every head"}
 SITE = {"type": "string", "description": "a site profile of the model (`mvit adapt`): answer with its heads; none: the base heads"}
 REFUSALS = {status: {"model": ErrorBody, "description": says} for status, says in {
+    400: "a form that cannot be read, or that ends before its closing boundary (cut short)",
     401: "no token, or the wrong one (when the server needs one)",
+    408: "the body did not arrive within the body timeout",
     413: "the body is over the size limit, or an image over the pixel limit",
     415: "not multipart/form-data",
     422: "an image that cannot be decoded, an unknown head or class, an invalid field",
+    429: "this client has the most requests in flight one client may: retry after the seconds in Retry-After",
     503: "overloaded: retry after the seconds in Retry-After",
 }.items()}
 
@@ -110,6 +114,7 @@ REFUSALS = {status: {"model": ErrorBody, "description": says} for status, says i
 def create_app(model: Model, settings: ServeSettings) -> FastAPI:
     """The app for one loaded model; the model thread starts and stops with the app's lifespan."""
     service = Service(model, settings)
+    clients = ClientSlots(settings.max_client_requests)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -123,7 +128,7 @@ def create_app(model: Model, settings: ServeSettings) -> FastAPI:
     # internet, so these serve the same pages from files installed with fastapi-offline
     app = FastAPIOffline(title="mvit", version=__version__, lifespan=lifespan, root_path=settings.root_path,
                          description="Classify dermoscopic skin-lesion images with one ViT backbone and many classifier heads.")
-    app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.trusted_hosts)
+    app.add_middleware(JsonTrustedHost, allowed_hosts=settings.trusted_hosts)
     _add_error_handlers(app)
 
     def require_token(request: Request) -> None:
@@ -151,11 +156,12 @@ def create_app(model: Model, settings: ServeSettings) -> FastAPI:
 
     @api.post("/predict", openapi_extra=_multipart({"images": FILES, "head": HEADS, "abstain": {"type": "boolean"}, "site": SITE}, ["images"]),
               responses={200: {"model": list[PredictionRecord], "description": "a record per image and head, image by image"},
-                         **{status: REFUSALS[status] for status in (413, 415, 422, 503)}})
+                         **{status: REFUSALS[status] for status in (400, 408, 413, 415, 422, 429, 503)}})
     async def predict(request: Request) -> Response:
         """Each image's answer from each chosen head, as `mvit predict --format json` writes them."""
-        with admitted(service.batcher, 1) as admission:  # the body counts against the queue from the start
-            form = await read_form(request, max_bytes=settings.max_upload_bytes, max_files=settings.max_images)
+        with clients.held(request), admitted(service.batcher, 1) as admission:  # the body counts against the queue from the start
+            form = await read_form(request, max_bytes=settings.max_upload_bytes, max_files=settings.max_images,
+                                   timeout_s=settings.body_timeout_s)
             uploads = form.files.get("images", [])
             if not uploads:
                 raise ApiError(422, "no images: send one or more image files in the form field `images`")
@@ -170,11 +176,11 @@ def create_app(model: Model, settings: ServeSettings) -> FastAPI:
                                         "class": {"type": "string", "description": "the class to explain (default: the head's decision)"},
                                         "map": {"type": "string", "enum": list(ATTENTION_MAPS)}, "site": SITE}, ["image", "head"]),
               responses={200: {"content": {"image/png": {}}, "description": "the map over the image; X-Mvit-Class: the class explained"},
-                         **{status: REFUSALS[status] for status in (413, 415, 422, 503)}})
+                         **{status: REFUSALS[status] for status in (400, 408, 413, 415, 422, 429, 503)}})
     async def attention(request: Request) -> Response:
         """Where the model looked to give the head's answer, drawn over the image as a PNG."""
-        with admitted(service.batcher, 1):
-            form = await read_form(request, max_bytes=settings.max_upload_bytes, max_files=1)
+        with clients.held(request), admitted(service.batcher, 1):
+            form = await read_form(request, max_bytes=settings.max_upload_bytes, max_files=1, timeout_s=settings.body_timeout_s)
             uploads = form.files.get("image", [])
             head = form.value("head")
             if len(uploads) != 1 or head is None:
@@ -201,6 +207,34 @@ def create_app(model: Model, settings: ServeSettings) -> FastAPI:
 
     app.mount("/static", StaticFiles(packages=[("mvit.serve", "page")]), name="static")
     return app
+
+
+class JsonTrustedHost:
+    """Starlette's check of the Host header (TrustedHostMiddleware), refusing in the JSON shape every
+    other refusal has; Starlette's own refusal is plain text."""
+
+    def __init__(self, app, allowed_hosts: list[str]):
+        self.app, self.allowed_hosts = app, allowed_hosts
+        self.check = TrustedHostMiddleware(self._passed, allowed_hosts=allowed_hosts, www_redirect=False)
+
+    async def _passed(self, scope, receive, send) -> None:
+        scope[HOST_PASSED] = True
+        await self.app(scope, receive, send)
+
+    async def __call__(self, scope, receive, send) -> None:
+        async def unless_refused(message) -> None:  # Starlette's plain-text refusal is dropped
+            if scope.get(HOST_PASSED):
+                await send(message)
+
+        await self.check(scope, receive, unless_refused)
+        if not scope.get(HOST_PASSED):
+            host = next((value.decode("latin-1") for name, value in scope.get("headers", []) if name == b"host"), "")
+            sentence = (f"this server does not answer to the Host {host!r}; call it by one of {', '.join(self.allowed_hosts)} "
+                        f"(or start it with --allowed-host NAME)")
+            await JSONResponse({"error": sentence}, status_code=400)(scope, receive, send)
+
+
+HOST_PASSED = "mvit.host_passed"  # set in the ASGI scope once the Host header is accepted
 
 
 def _add_error_handlers(app: FastAPI) -> None:

@@ -48,6 +48,9 @@ class ServeSettings(BaseModel):
     max_queue: int = Field(128, ge=1)
     max_upload_bytes: int = Field(32 * MiB, ge=1024)  # one request's body (413 above)
     max_images: int = Field(64, ge=1)  # files in one /v1/predict request
+    # a body not complete within this many seconds gets 408 and frees its place in the queue (slow-loris)
+    body_timeout_s: float = Field(30.0, gt=0.0, le=3600.0)
+    max_client_requests: int = Field(16, ge=1)  # upload requests in flight per client address (429 above)
     max_pixels: int = Field(50_000_000, ge=1)  # per image, read from its header before decoding (413 above)
     decode_threads: int = Field(2, ge=1, le=64)  # images decoded at once: bounds the memory decoding takes
     model_threads: int = Field(0, ge=0, le=64)  # threads running batches; 0: two on a CPU (two cores or more), one on a GPU
