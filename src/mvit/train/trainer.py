@@ -19,7 +19,6 @@ every part that can stand alone already lives in the modules above.
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -42,7 +41,7 @@ from mvit.train.batches import SplitFeatures, decoding_workers, epoch_steps, ima
 from mvit.train import closed_form
 from mvit.train.calibration import calibrate_heads, run_gate
 from mvit.train.config import BUNDLED, TrainConfig
-from mvit.data.distributed import environment_rank
+from mvit.data.distributed import environment_local_rank, environment_rank
 from mvit.train.distributed import Processes, step_module
 from mvit.train.epoch_metrics import HeadStats, epoch_line, epoch_record
 from mvit.train.model_setup import build_model
@@ -77,7 +76,7 @@ class Trainer:
         self.config = config
         self.console = console or Console(stderr=True)
         self.folder = RunFolder(config.output)
-        self.device = resolve_device(config.training.device, int(os.environ.get("LOCAL_RANK", "0")))
+        self.device = resolve_device(config.training.device, environment_local_rank())
         self.processes = Processes.from_environment(self.device.type)
         self.dtype = autocast_dtype(config.training.precision, self.device)
         if self.device.type == "cuda":  # float32 leftovers outside autocast may use TF32 tensor cores
