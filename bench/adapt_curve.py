@@ -1,7 +1,8 @@
 """`mvit adapt` on PH2: how a clinic's own labelled images lift the melanoma heads on its other images.
 
 PH2 stands in for a clinic the HAM10000 and DermMel heads never saw. For each number of labelled
-images (drawn at random from PH2's training split, several draws each), the site is fitted exactly
+images (drawn at random from PH2's training split, several draws each, melanomas in their share of
+it but at least the 5 adapt needs), the site is fitted exactly
 as `mvit adapt` fits it, and every PH2 image not drawn is scored three ways, melanoma against the
 rest (ROC AUC): by the base head, by the site head as fitted, and by what `predict --site` answers
 (the site head where adapt kept it, the base head where cross-validation refused it).
@@ -70,10 +71,10 @@ def main() -> None:
         found = {head: {"base": [], "site": [], "used": [], "kept": 0} for head in HEADS}
         seconds = []
         for draw in range(args.draws):
-            drawn = random.Random(1000 * size + draw).sample(pool, size)
+            drawn = _draw(pool, size, random.Random(1000 * size + draw))
             rest = np.array(sorted(set(range(len(everything))) - {index[s.path] for s in drawn}))
             started = time.perf_counter()
-            result = adapt(model, "bench", drawn, AdaptOptions(heads=list(HEADS)), cache=cache)
+            result = adapt(model, "bench", drawn, AdaptOptions(heads=list(HEADS), include_flagged=True), cache=cache)
             seconds.append(time.perf_counter() - started)
             kept = {r.name: r for r in result.results if r.adopted}
             fitted = model.with_site("bench") if kept else model
@@ -84,7 +85,7 @@ def main() -> None:
                 found[head]["kept"] += head in kept
             model.sites.pop("bench", None)
             # the site heads as fitted, kept or not (one cross-validation repeat: only the fit matters here)
-            adapt(model, "bench", drawn, AdaptOptions(heads=list(HEADS), repeats=1, keep_all=True), cache=cache)
+            adapt(model, "bench", drawn, AdaptOptions(heads=list(HEADS), repeats=1, keep_all=True, include_flagged=True), cache=cache)
             for head in HEADS:
                 found[head]["site"].append(auc(model.with_site("bench"), head, rest))
             model.sites.pop("bench", None)
@@ -96,6 +97,14 @@ def main() -> None:
                 ratio = np.mean(f["used"]) / np.mean(f["base"])
     if ratio is not None:
         print(f"ratio: {ratio:.4f}")
+
+
+def _draw(pool: list, size: int, rng: random.Random) -> list:
+    """`size` images, melanomas in their share of the pool but never fewer than adapt's minimum of 5."""
+    melanomas = [s for s in pool if s.label == "melanoma"]
+    others = [s for s in pool if s.label != "melanoma"]
+    wanted = max(5, round(size * len(melanomas) / len(pool)))
+    return rng.sample(melanomas, wanted) + rng.sample(others, size - wanted)
 
 
 if __name__ == "__main__":
