@@ -37,6 +37,7 @@ def adapt_command(
     device: str = device_option(),
 ) -> None:
     """Fit a site's own version of the heads from its labelled images; keep it only where cross-validation shows it better."""
+    from mvit.cli.output_file import written_aside
     from mvit.infer import model_file as model_files
     from mvit.registry.labels_file import read_labels_file
     from mvit.registry.specs import NAME_PATTERN
@@ -68,9 +69,8 @@ def adapt_command(
             say(f"note: head {r.name} is left out of the site: its site version was not better in cross-validation")
     model_files.save(model, out, half=model_files.stored_as_half(model_file or model_files.bundled_model_path()))
     written = out.with_name(f"{out.stem}.{site}.adapt.json")
-    partial = written.with_name(f".{written.name}.{os.getpid()}.partial")
-    partial.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(partial, written)
+    with written_aside(written) as partial:
+        partial.write_text(json.dumps(report, indent=2) + "\n")
     show(f"{'replaced' if replaced else 'added'} site {site} ({', '.join(r.name for r in result.adopted)}) in {out}; report: {written}")
 
 

@@ -34,8 +34,8 @@ class SiteInfo(BaseModel):
     name: str = Field(pattern=NAME_PATTERN)
     heads: dict[str, HeadInfo]  # the site's versions of base heads, by the base head's name
     images: int  # labelled images the site's heads learned from
-    counts: dict[str, dict[str, int]] = Field(default_factory=dict)  # head -> class -> images
-    # head -> cross-validated figures: base and site ROC AUC (or balanced accuracy) with 95 % intervals, ...
+    # head -> cross-validated figures: images per class, base and site ROC AUC (or balanced accuracy)
+    # with 95 % intervals, ...
     report: dict[str, dict[str, Any]] = Field(default_factory=dict)
     labels: str = ""  # the labels file the site was fitted from, as given
     created: str = ""

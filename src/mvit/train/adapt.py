@@ -110,13 +110,11 @@ def adapt(model: Model, site: str, samples: Sequence[Sample], options: AdaptOpti
                                           options, result.notes))
     adopted = result.adopted
     if adopted:
+        gate = None if looked_at is None else site_gate(model.ood_gate, looked_at, options.seed)
         info = SiteInfo(name=site, heads={r.name: r.info for r in adopted}, images=len(samples), labels=labels,
-                        counts={r.name: r.report["classes"] for r in adopted},
                         report={r.name: r.report for r in result.results},
                         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), site_weight=options.site_weight,
-                        colour=lab_statistics(load_image(path) for path in paths))
-        gate = None if looked_at is None else site_gate(model.ood_gate, looked_at, options.seed)
-        info = info.model_copy(update={"gate": None if gate is None else gate.info})
+                        gate=None if gate is None else gate.info, colour=lab_statistics(load_image(path) for path in paths))
         model.sites[site] = Site(info, {r.name: r.head for r in adopted}, gate)
     return result
 

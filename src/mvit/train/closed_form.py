@@ -86,6 +86,7 @@ def _bank(tasks: list[Task], features: Callable[[Task, str], Tensor], borrow_fro
     labels: list[dict[str, int]] = []  # per row: head -> class index
     for task in tasks:
         split = features(task, TRAIN)
+        borrowed = _borrowed_classes(task, [other for other in tasks if task.dataset in borrow_from.get(other.dataset, [])])
         for i, sample in enumerate(task.samples(TRAIN)):
             if not bool(torch.isfinite(split[i]).all()):  # skipped as unreadable
                 continue
@@ -99,31 +100,25 @@ def _bank(tasks: list[Task], features: Callable[[Task, str], Tensor], borrow_fro
                 target = int(task.labels(TRAIN)[i, h])
                 if target != IGNORE:
                     row[name] = target
-            borrowers = [other for other in tasks if task.dataset in borrow_from.get(other.dataset, [])]
-            for name, target in _bridged(task, sample.label, borrowers).items():
+            for name, target in borrowed.get(sample.label, {}).items():
                 row.setdefault(name, target)  # a head's own dataset's label wins
     heads = [name for task in tasks for name in task.heads]
     targets = {name: torch.tensor([row.get(name, UNUSED) for row in labels], dtype=torch.long) for name in heads}
     return torch.stack(vectors) if vectors else torch.empty(0, 0), targets
 
 
-_bridges: dict[tuple[str, str], dict] = {}
-
-
-def _bridged(task: Task, label: str, borrowers: list[Task]) -> dict[str, int]:
-    """The class index of `label` (of `task`'s dataset) for every head of the `borrowers` whose
-    classes cover it exactly once (`diagnoses.bridge_label_map`)."""
-    found = {}
+def _borrowed_classes(task: Task, borrowers: list[Task]) -> dict[str, dict[str, int]]:
+    """Label of `task`'s dataset -> {head of a borrower: class index}, for every head whose classes
+    cover the label exactly once (`diagnoses.bridge_label_map`)."""
+    found: dict[str, dict[str, int]] = {}
     for other in borrowers:
         for name in other.heads:
-            key = (name, task.dataset)
-            if key not in _bridges:
-                head = manager.get_head(name)
-                try:
-                    _bridges[key] = bridge_label_map(head, manager.get_dataset(head.dataset), manager.get_dataset(task.dataset))
-                except ConfigError:  # no diagnoses declared, or no label matches: nothing to share
-                    _bridges[key] = {}
-            cls = _bridges[key].get(label)
-            if cls is not None:
-                found[name] = manager.get_head(name).classes.index(cls)
+            head = manager.get_head(name)
+            try:
+                mapping = bridge_label_map(head, manager.get_dataset(head.dataset), manager.get_dataset(task.dataset))
+            except ConfigError:  # no diagnoses declared, or no label matches: nothing to share
+                continue
+            for label, cls in mapping.items():
+                if cls is not None:
+                    found.setdefault(label, {})[name] = head.classes.index(cls)
     return found
