@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mvit.data import features as features_module
+from mvit.data.distributed import Processes
 from mvit.data.features import FeatureCache, fingerprint
 from mvit.data.transforms import Preprocessing
 from mvit.nn.vit import VisionTransformer
@@ -120,6 +121,7 @@ def test_two_processes_filling_one_cache_do_not_corrupt_or_duplicate_it(tmp_path
 
 def test_sharded_extraction_splits_the_work(tmp_path, images):
     cache, net = FeatureCache(tmp_path / "cache.h5"), backbone()
-    assert extract(cache, net, images, shard=(0, 2)) == 5
-    assert extract(cache, net, images, shard=(1, 2)) == 5
+    # whole batches of 4 to each rank in turn: rank 0 takes images 0-3 and 8-9, rank 1 images 4-7
+    assert extract(cache, net, images, processes=Processes(0, 2)) == 6
+    assert extract(cache, net, images, processes=Processes(1, 2)) == 4
     assert extract(cache, net, images) == 0

@@ -46,3 +46,8 @@ class UnknownHeadError(MvitError):
 
 class TrainingDiverged(MvitError):
     """A training run whose loss became NaN or infinite; the last good model is kept."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where a command cleans up as on Ctrl-C (`mvit.cli.output_file`). Under
+    torchrun it is torchrun stopping the other processes because one failed: that one says why."""

@@ -32,7 +32,7 @@ from typer._click import exceptions as click_errors  # typer >= 0.26 carries its
 
 from mvit.cli import adapt, data, evaluate, export, predict, serve, train
 from mvit.cli.output import error_line
-from mvit.errors import DiskFull, MvitError
+from mvit.errors import DiskFull, MvitError, Terminated
 
 app = typer.Typer(
     name="mvit",
@@ -90,21 +90,41 @@ EXIT_INTERRUPTED = 130
 
 
 def main() -> None:
-    """Run the command line; see the module's docstring for what becomes one sentence."""
-    from mvit.data.distributed import quiet_unless_rank_zero
+    """Run the command line; see the module's docstring for what becomes one sentence. Under
+    torchrun, a process that failed after joining the process group ends here without interpreter
+    teardown (`mvit.data.distributed.end_process`), its sentence said and its files closed."""
+    from mvit.data.distributed import end_process, exit_status, group_joined, quiet_unless_rank_zero
 
     quiet_unless_rank_zero()  # under torchrun a run speaks once, usage errors included
     try:
+        _run()
+    except SystemExit as done:
+        end_process(exit_status(done))
+        raise
+    except BaseException:  # a bug: its traceback, then the same end
+        if not group_joined():
+            raise
+        sys.excepthook(*sys.exc_info())  # on a rank > 0, to its real stderr (quiet_unless_rank_zero)
+        end_process(EXIT_SYSTEM_ERROR)
+
+
+def _run() -> None:
+    """The command, and the one sentence and exit status for what it raised (see `main`)."""
+    from mvit.data.distributed import PeerStopped, group_joined
+
+    try:
         code = app(standalone_mode=False)  # standalone mode would print click's own "Aborted!" for some errors
     except DiskFull as error:
-        error_line(str(error))
+        _failed(str(error))
         sys.exit(EXIT_DISK_FULL)
+    except PeerStopped:  # the process that stopped says why (or torchrun does, for a signal)
+        sys.exit(EXIT_SYSTEM_ERROR)
     except MvitError as error:
         from mvit.registry.catalog import debugging
 
         if debugging() and error.__cause__ is not None:  # a plugin author's view: where it really failed
             traceback.print_exception(error.__cause__)
-        error_line(str(error))
+        _failed(str(error))
         sys.exit(EXIT_USER_ERROR)
     except click_errors.NoArgsIsHelpError as error:  # `mvit` or `mvit data` alone: the help, printed already
         if error.format_message().strip():
@@ -119,8 +139,11 @@ def main() -> None:
             raise abort.__cause__ from None
         error_line("aborted")
         sys.exit(EXIT_SYSTEM_ERROR)
-    except KeyboardInterrupt:
-        error_line("interrupted")
+    except KeyboardInterrupt as interrupt:
+        # under torchrun: Ctrl-C reaches every rank, and rank 0 says it; SIGTERM is torchrun stopping
+        # the others because one failed, and that one says why
+        if not group_joined() or not (isinstance(interrupt, Terminated) or _rank() > 0):
+            error_line("interrupted")
         sys.exit(EXIT_INTERRUPTED)
     except BrokenPipeError:  # `mvit predict ... | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -129,9 +152,31 @@ def main() -> None:
         sentence = os_error_sentence(error)
         if sentence is None:
             raise  # not a refusal a user can act on: a bug, with its traceback
-        error_line(sentence)
+        _failed(sentence)
         sys.exit(EXIT_DISK_FULL if error.errno in (errno.ENOSPC, errno.EDQUOT) else EXIT_SYSTEM_ERROR)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _failed(sentence: str) -> None:
+    """`error: SENTENCE`; under torchrun, from the rank that failed and naming it, once the ranks
+    work on their own shares (`mvit.data.distributed.speaks_for_itself`)."""
+    from mvit.data.distributed import environment_world, speaks_for_itself
+
+    stream = speaks_for_itself()
+    if stream is None:
+        error_line(sentence)
+        return
+    before, sys.stderr = sys.stderr, stream
+    try:
+        error_line(f"rank {_rank()} of {environment_world()}: {sentence}")
+    finally:
+        sys.stderr = before
+
+
+def _rank() -> int:
+    from mvit.data.distributed import environment_rank
+
+    return environment_rank()
 
 
 def usage_sentence(error: click_errors.ClickException) -> str:

@@ -47,10 +47,11 @@ def evaluate_command(
             held = "no fold (it was trained without cross-validation)" if trained is None else f"fold {trained}"
             raise MvitError(f"the model held out {held} of {dataset}, so fold {fold} holds training images; leave out --fold")
         settings["fold"] = fold
-    metrics = evaluate_head(
-        model, head, root, out, dataset=dataset, split=split, splits=settings, precision=precision.value, batch_size=batch_size,
-        processes=processes,
-    )
+    with processes:  # a clean run leaves the process group here, after the last exchange (see Processes.close)
+        metrics = evaluate_head(
+            model, head, root, out, dataset=dataset, split=split, splits=settings, precision=precision.value, batch_size=batch_size,
+            processes=processes,
+        )
     if not processes.main:  # its share of the images is in rank 0's report
         return
     for message in metrics["unreadable"]:

@@ -20,6 +20,8 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from mvit.errors import Terminated
+
 
 @contextlib.contextmanager
 def written_aside(path: Path) -> Iterator[Path]:
@@ -62,7 +64,7 @@ def _raise_disk_full(error: Exception, path: Path) -> None:
 
 @contextlib.contextmanager
 def _terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM (a plain `kill`) raises KeyboardInterrupt while the file is written, so that the
+    """SIGTERM (a plain `kill`) raises `Terminated`, a KeyboardInterrupt, while the file is written, so that the
     partial is removed as on Ctrl-C; by default it would end the process on the spot. Processes
     forked meanwhile (decoding workers) keep the default."""
     if threading.current_thread() is not threading.main_thread():
@@ -75,7 +77,7 @@ def _terminate_as_interrupt() -> Iterator[None]:
             signal.signal(number, signal.SIG_DFL)
             os.kill(os.getpid(), number)
             return
-        raise KeyboardInterrupt
+        raise Terminated
 
     before = signal.signal(signal.SIGTERM, interrupt)
     try:

@@ -31,10 +31,7 @@ def predict_command(
     site: Optional[str] = site_option(),
 ) -> None:
     """Predict images with one or more heads. Files that cannot be read are reported, the rest predicted; exit 1 when any failed."""
-    from mvit.data.dataset import loader_workers
     from mvit.data.distributed import Processes, local_device, quiet_unless_rank_zero
-    from mvit.infer.predict import predict_stream
-    from mvit.progress import progress_bar
 
     quiet_unless_rank_zero()  # under torchrun rank 0 alone prints and writes
     output = _format_of(output, output_file)
@@ -44,13 +41,32 @@ def predict_command(
     model = load_model(model_file, local_device(device), site)
     processes = Processes.from_environment(next(model.parameters()).device.type)
     names = model.select_heads(heads)
-    mine = processes.shard(len(files))  # every input without torchrun; under it, every world-th
+    with processes:  # a clean run leaves the process group here, after the last exchange (see Processes.close)
+        failed = _predict_share(model, files, shown, names, processes, output, output_file, threshold=threshold, tta=tta,
+                                precision=precision.value, batch_size=batch_size, workers=workers, abstain=abstain)
+    if failed < len(files):  # what the predictions rest on, once per run, after them
+        _note_uncalibrated(model, names, threshold)
+    if failed:
+        _say_failed(failed, len(files), f"the other {len(files) - failed} were predicted")
+        raise typer.Exit(1)
+
+
+def _predict_share(model, files: list, shown: list[str], names: list[str], processes, output: OutputFormat,
+                   output_file: Optional[Path], *, threshold, tta, precision, batch_size, workers, abstain) -> int:
+    """This process's share of the files predicted and, on rank 0, every share written in input
+    order; how many files failed, on every rank."""
+    from mvit.data.dataset import loader_workers
+    from mvit.infer.predict import predict_stream
+    from mvit.progress import progress_bar
+
+    device = next(model.parameters()).device
+    mine = processes.shard(len(files), batch_size)  # every input without torchrun; under it, whole batches
     stream = predict_stream(
-        model, [files[index] for index in mine], names, threshold=threshold, tta=tta, precision=precision.value, batch_size=batch_size,
-        workers=loader_workers(len(mine), batch_size, next(model.parameters()).device, processes.local_world) if workers is None else workers,
+        model, [files[index] for index in mine], names, threshold=threshold, tta=tta, precision=precision, batch_size=batch_size,
+        workers=loader_workers(len(mine), batch_size, device, processes.local_world) if workers is None else workers,
         abstain=abstain,
     )
-    results = processes.merged(stream, len(files), chunk=max(256, batch_size))  # every rank's, on rank 0
+    results = processes.merged(stream, len(files), batch=batch_size)  # every rank's, on rank 0
     # rank 0 alone writes; the file is written aside and renamed into place when complete
     opened = processes.on_main(lambda: _open_for_writing(output_file)) if output_file else None
     written, sink = opened or (contextlib.nullcontext(), sys.stdout)
@@ -74,12 +90,7 @@ def predict_command(
         if error.filename is None:
             error.filename = str(output_file) if output_file else "standard output"
         raise
-    failed = processes.share(failed)  # the same exit status on every rank
-    if failed < len(files):  # what the predictions rest on, once per run, after them
-        _note_uncalibrated(model, names, threshold)
-    if failed:
-        _say_failed(failed, len(files), f"the other {len(files) - failed} were predicted")
-        raise typer.Exit(1)
+    return processes.share(failed)  # the same exit status on every rank
 
 
 def attention_command(

@@ -7,13 +7,24 @@ The helpers every stage that runs over inputs needs (`mvit predict` and `mvit ev
 1: no process group, no communication, the inputs all its own. torch.distributed is imported only
 under torchrun.
 
-The sharding is by position: rank r takes inputs r, r + world, r + 2 world, ... (`shard`), as the
-feature cache's extraction does, so rank 0 rebuilds input order by taking one result from each rank
-in turn (`merged`).
+The sharding is by whole batches: cut the inputs into the batches one process would run, rank r
+takes batches r, r + world, r + 2 world, ... (`shard`), and rank 0 rebuilds input order by taking
+one batch of results from each rank in turn (`merged`). Every image is then computed in the batch a
+single process would have put it in, so the merged output is the single process's, byte for byte
+(a batch's composition changes its numbers in the last bits).
+
+The group's end is part of the contract (`Processes` is a context manager): after a clean run every
+rank waits for the others and the group is destroyed, which joins gloo's worker threads while Python
+is alive. Left to interpreter exit, a worker thread dropping the last collective's tensors needs the
+GIL of an interpreter that is being torn down, and the process aborts ("terminate called without an
+active exception", SIGABRT) after its work is done. After a failure the group cannot be ended
+politely (a peer may be gone, or blocked waiting for this one), so the command line's boundary ends
+the process without interpreter teardown (`end_process`), its files already closed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -28,6 +39,14 @@ T = TypeVar("T")
 EXIT_USER_ERROR = 2  # the status of the command line's error boundary for an MvitError (mvit.cli.app)
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
+
+_speaking_stderr = None  # the real stderr of a rank > 0, kept for the sentence saying why it failed
+_at_work = False  # the ranks have taken their shares (`Processes.shard`): a failure may be one rank's own
+
+
+class PeerStopped(MvitError):
+    """Another process of the run stopped (it failed, or was killed), so this one cannot go on. That
+    process says why (or torchrun, for a signal); this one ends quietly with a non-zero status."""
 
 
 def environment_rank() -> int:
@@ -89,7 +108,8 @@ def quiet_unless_rank_zero() -> None:
             return
     except MvitError:  # an environment torchrun did not set: the command that reads it says so, so keep speaking
         return
-    real_stderr = sys.stderr
+    global _speaking_stderr
+    real_stderr = _speaking_stderr = sys.stderr
     sink = open(os.devnull, "w")
     sys.stdout = sys.stderr = sink
 
@@ -100,6 +120,39 @@ def quiet_unless_rank_zero() -> None:
         real_stderr.flush()
 
     sys.excepthook = report_crash
+
+
+def speaks_for_itself() -> Optional[Any]:
+    """Where this process says its own failure, or None where rank 0 speaks for every process.
+
+    Under torchrun, once the ranks have taken their shares of the work (`Processes.shard`), a
+    failure may be one rank's alone: that rank says it (the real stderr, on every rank). Before,
+    every process fails alike (a config, a model file, a head name) and rank 0's one sentence says
+    it for all."""
+    if not _at_work or environment_world() == 1:
+        return None
+    return _speaking_stderr or sys.stderr
+
+
+def group_joined() -> bool:
+    """Whether this process is in a torchrun process group it has not left (`Processes.close`)."""
+    dist = sys.modules.get("torch.distributed")
+    return dist is not None and dist.is_available() and dist.is_initialized()
+
+
+def end_process(code: int) -> None:
+    """End the process with `code`. In a process group that a failure left behind (see the module's
+    docstring), without interpreter teardown: stdio flushed, then `os._exit`. Otherwise return, for
+    the caller's `sys.exit`."""
+    if not group_joined():
+        return
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__, _speaking_stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):  # a closed pipe or file: nothing more to say through it
+            pass
+    os._exit(code)
 
 
 def exit_status(error: BaseException) -> int:
@@ -149,11 +202,31 @@ class Processes:
         """How many of the processes run on this machine (they share its CPUs)."""
         return _environment_number("LOCAL_WORLD_SIZE", self.world)
 
+    def __enter__(self) -> "Processes":
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        if kind is None:
+            self.close()
+
+    def close(self) -> None:
+        """Leave the group after a clean run: wait for every rank (none tears down its connections
+        while another still talks to it), destroy the group and let go of it, which joins gloo's
+        threads now (see the module's docstring). A failed run leaves it to `end_process`."""
+        if self.world == 1 or not group_joined():
+            return
+        import torch.distributed as dist
+
+        self.barrier()
+        self._objects = None  # the last reference to the group but torch's own: destroyed below, not at exit
+        dist.destroy_process_group()
+
     def barrier(self) -> None:
         if self.world > 1:
             import torch.distributed as dist
 
-            dist.barrier()
+            with _peers_alive():
+                dist.barrier()
 
     def share(self, value):
         """Rank 0's value, on every rank."""
@@ -162,7 +235,8 @@ class Processes:
         import torch.distributed as dist
 
         box = [value]
-        dist.broadcast_object_list(box, src=0, group=self._object_group())
+        with _peers_alive():
+            dist.broadcast_object_list(box, src=0, group=self._object_group())
         return box[0]
 
     def gather(self, value) -> Optional[list]:
@@ -172,32 +246,40 @@ class Processes:
         import torch.distributed as dist
 
         found = [None] * self.world if self.main else None
-        dist.gather_object(value, found, dst=0, group=self._object_group())
+        with _peers_alive():
+            dist.gather_object(value, found, dst=0, group=self._object_group())
         return found
 
-    def shard(self, count: int) -> range:
-        """The positions of this process's share of `count` inputs: every world-th, from its rank."""
-        return range(self.rank, count, self.world)
+    def shard(self, count: int, batch: int = 1) -> list[int]:
+        """The positions of this process's share of `count` inputs cut into batches of `batch`:
+        batches rank, rank + world, ... (with one process, every position). From now on a failure
+        may be this rank's own, and it says so itself (`speaks_for_itself`)."""
+        global _at_work
+        _at_work = True
+        return [position for start in range(self.rank * batch, count, self.world * batch)
+                for position in range(start, min(start + batch, count))]
 
-    def merged(self, mine: Iterable[T], count: int, *, chunk: int = 256) -> Iterator[T]:
+    def merged(self, mine: Iterable[T], count: int, *, batch: int = 1, chunk: int = 256) -> Iterator[T]:
         """Every rank's results as one stream in input order, on rank 0; nothing on the others.
 
-        `mine`: one result per position of `self.shard(count)`, in that order. Every rank must
-        iterate this to the end: the ranks send their results in rounds of `chunk` each, so memory
-        holds a round, never the whole run, and rank 0 writes while the others compute.
+        `mine`: one result per position of `self.shard(count, batch)`, in that order. Every rank
+        must iterate this to the end: the ranks send their results in rounds of about `chunk` each
+        (whole batches), so memory holds a round, never the whole run, and rank 0 writes while the
+        others compute.
         """
         if self.world == 1:
             yield from mine
             return
         mine = iter(mine)
-        for _ in range(math.ceil(math.ceil(count / self.world) / chunk)):  # as many rounds on every rank
-            parts = self.gather(list(islice(mine, chunk)))
+        per_round = max(1, chunk // batch)  # batches
+        batches = math.ceil(count / batch)
+        for _ in range(math.ceil(math.ceil(batches / self.world) / per_round)):  # as many rounds on every rank
+            parts = self.gather(list(islice(mine, per_round * batch)))
             if parts is None:
                 continue
-            for position in range(max(len(part) for part in parts)):  # rank r's k-th: input r + k * world
+            for start in range(0, len(parts[0]), batch):  # rank r's k-th batch: batch r + k * world
                 for part in parts:
-                    if position < len(part):
-                        yield part[position]
+                    yield from part[start : start + batch]
 
     def on_main(self, work: Callable[[], T]) -> Optional[T]:
         """`work()` on rank 0 alone (its result there, None on the others), the others waiting for it.
@@ -226,3 +308,13 @@ class Processes:
         if self._objects is None:
             self._objects = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
         return self._objects
+
+
+@contextlib.contextmanager
+def _peers_alive() -> Iterator[None]:
+    """A collective that failed because another process is gone (gloo: "Connection closed by peer")
+    as `PeerStopped`: that process says why it stopped."""
+    try:
+        yield
+    except RuntimeError as error:  # torch.distributed's DistError and gloo's plain RuntimeError
+        raise PeerStopped(f"another process of this torchrun run stopped ({' '.join(str(error).split())[:200]})") from None

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from mvit.data.dataset import BadImages, image_loader
+from mvit.data.distributed import Processes
 from mvit.errors import DiskFull, MvitError
 from mvit.nn.precision import autocast
 from mvit.data.transforms import Preprocessing, eval_transform
@@ -211,9 +212,9 @@ class FeatureCache:
     def extract(self, backbone: VisionTransformer, preprocessing: Preprocessing, paths: Sequence[Path], **options) -> int:
         """Compute and commit the features of `paths` not cached yet; returns how many this process computed.
 
-        Options: `device`, `dtype`, `batch_size`, `workers`, `progress`, and `shard=(rank, world)`:
-        this process takes every world-th image, so several processes (torchrun ranks) extract one
-        cache together.
+        Options: `device`, `dtype`, `batch_size`, `workers`, `progress`, and `processes` (torchrun's
+        ranks, `Processes.shard`): this process takes every world-th batch of images, so several
+        processes extract one cache together.
         """
         image_keys = [content_hash(Path(p)) for p in paths]
         return self._fill(fingerprint(backbone, preprocessing), image_keys, backbone, preprocessing, paths, **options)
@@ -243,14 +244,13 @@ class FeatureCache:
         dtype: Optional[torch.dtype] = None,
         batch_size: int = 64,
         workers: int = 0,
-        shard: tuple[int, int] = (0, 1),
+        processes: Processes = Processes(),
         progress: Optional[Callable[[int], None]] = None,
     ) -> int:
         present = self._present(key, image_keys)
-        rank, world = shard
         # each image belongs to one rank by its position, whatever the others have committed so far
         first = {k: i for i, k in reversed(list(enumerate(image_keys)))}
-        mine = [i for i, k in enumerate(image_keys) if first[k] == i and k not in present and i % world == rank]
+        mine = [i for i in processes.shard(len(image_keys), batch_size) if first[image_keys[i]] == i and image_keys[i] not in present]
         if progress:
             progress(len(paths) - len(mine))
         meta = {"backbone": backbone.config.model_dump(), "preprocessing": preprocessing.model_dump()}

@@ -115,7 +115,7 @@ def evaluate_head(
     items = chosen.items
     paths = [sample.path for sample, _ in items]
     processes = processes or Processes()
-    mine = processes.shard(len(paths))  # every image in one process; under torchrun, every world-th
+    mine = processes.shard(len(paths), batch_size)  # every image in one process; under torchrun, whole batches
     if workers is None:
         workers = loader_workers(len(mine), batch_size, next(model.parameters()).device, processes.local_world)
 
@@ -138,7 +138,7 @@ def _report(model: Model, head: str, info, spec, root, out, dataset: str, split:
     items = chosen.items
     found = [batch for share, _ in shares for batch in share]
     rows = [index for positions, _, _ in found for index in positions]
-    order = np.argsort(rows, kind="stable")  # rank r's rows are r, r + world, ...: back to input order
+    order = np.argsort(rows, kind="stable")  # rank r's rows are its batches r, r + world, ...: back to input order
     rows = [rows[k] for k in order]
     unreadable = [sentence for _, sentence in sorted(error for _, share in shares for error in share)]
     logits = [batch_logits for _, batch_logits, _ in found]

@@ -37,7 +37,7 @@ def epoch_steps(tasks: list[Task], config: TrainConfig, epoch: int, processes: P
         steps.append((i, batches[i][taken[i]]))
         taken[i] += 1
     steps = steps[: len(steps) // processes.world * processes.world]  # every rank takes the same number of steps
-    return steps[processes.rank :: processes.world]
+    return [steps[k] for k in processes.shard(len(steps))]
 
 
 def decoding_workers(config: TrainConfig, count: int, device: torch.device, processes: int) -> int:
@@ -115,7 +115,7 @@ class SplitFeatures:
         options = dict(device=self.device, dtype=self.dtype, workers=self.workers(len(paths)))
         backbone, preprocessing = self.model.backbone, self.preprocessing
         if all_ranks and self.processes.world > 1:
-            self.cache.extract(backbone, preprocessing, paths, shard=(self.processes.rank, self.processes.world), **options)
+            self.cache.extract(backbone, preprocessing, paths, processes=self.processes, **options)
             self.processes.barrier()
         features = self.cache.load(backbone, preprocessing, paths, **options)
         self._kept[task.dataset, split] = features

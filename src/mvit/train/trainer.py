@@ -62,9 +62,12 @@ def resume(run: Path, *, console=None) -> Path:
 
 
 def _run_and_release(trainer: Trainer) -> Path:
-    """The run, then its folder free for a resume or another run, however the run ended."""
+    """The run, then its folder free for a resume or another run, however the run ended. A clean
+    run leaves the process group first (`Processes.close`), once the last step is taken and DDP's
+    wrapper, which holds the group, is gone."""
     try:
-        return trainer.run()
+        with trainer.processes:
+            return trainer.run()
     finally:
         trainer.folder.release()
 
