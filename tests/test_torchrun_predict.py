@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -40,6 +41,16 @@ RANK = textwrap.dedent(
         return run
     predict.predict_stream = recording(predict.predict_stream)
     report.logits_stream = recording(report.logits_stream)
+
+    if os.environ.get("MVIT_FAIL_RANK") == rank:  # this rank fails at its second batch, the others go on
+        from mvit.errors import MvitError
+        real_forward, calls = predict.forward_images, []
+        def failing(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                raise MvitError("the injected failure of its second batch")
+            return real_forward(*args, **kwargs)
+        predict.forward_images = failing
 
     import builtins, io
     real_open = io.open
@@ -95,14 +106,14 @@ class Ranks:
         return json.loads((self.folder / f"rank{rank}.json").read_text())
 
 
-def torchrun(tmp_path: Path, *args) -> Ranks:
+def torchrun(tmp_path: Path, *args, env: Optional[dict] = None) -> Ranks:
     folder = tmp_path / "ranks"
     folder.mkdir()
     script = tmp_path / "rank.py"
     script.write_text(RANK)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), *map(str, args)]
     subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path,
-                   env={**os.environ, **ENV, "MVIT_RANK_RECORDS": str(folder)})
+                   env={**os.environ, **ENV, "MVIT_RANK_RECORDS": str(folder), **(env or {})})
     return Ranks(folder)
 
 
@@ -209,3 +220,18 @@ def test_evaluate_under_torchrun_writes_the_report_of_one_process(tmp_path):
     computed = [ranks.record(rank)["computed"] for rank in (0, 1)]
     assert computed[0] and computed[1] and len(computed[0]) + len(computed[1]) == len(paths)
     assert_rank_1_silent(ranks, (tmp_path / "two").iterdir())
+
+
+@pytest.mark.parametrize("failing", [1, 0])
+def test_a_rank_that_fails_says_so_in_one_sentence_and_no_output_is_left(inputs, tmp_path, failing):
+    model, folder, images = inputs
+    output = tmp_path / "out.csv"
+    before = files(tmp_path)
+    ranks = torchrun(tmp_path, "predict", "-m", model, "--device", "cpu", "-H", "all", "--batch-size", "2", "-o", output, folder,
+                     env={"MVIT_FAIL_RANK": str(failing)})
+    said = ranks.stderr(0) + ranks.stderr(1)
+    assert said.count("error:") == 1, said  # from the rank that failed alone, naming itself and the cause
+    assert f"error: rank {failing} of 2: the injected failure of its second batch" in ranks.stderr(failing)
+    assert "Traceback" not in said
+    assert ranks.record(failing)["code"] == 2
+    assert files(tmp_path) == before  # no output, whole or partial (a rank stopped by torchrun has no record)

@@ -109,6 +109,8 @@ def quiet_unless_rank_zero() -> None:
     except MvitError:  # an environment torchrun did not set: the command that reads it says so, so keep speaking
         return
     global _speaking_stderr
+    if _speaking_stderr is not None:  # quiet already (the command line's boundary, then the command)
+        return
     real_stderr = _speaking_stderr = sys.stderr
     sink = open(os.devnull, "w")
     sys.stdout = sys.stderr = sink
