@@ -115,7 +115,7 @@ def test_the_tap_is_the_mean_patch_token_after_its_block_in_the_same_pass():
         pooled, tapped = model.backbone.forward_with_tap(images, 1)
         assert torch.allclose(pooled, model.backbone(images), atol=1e-6)
     with torch.no_grad():
-        x = model.backbone.blocks[0](model.backbone.embed(images))  # (3, T, D) after block 1
+        x, _ = model.backbone.blocks[0](model.backbone.embed(images))  # (3, T, D) after block 1
     assert torch.allclose(tapped, x[:, 1:].mean(1), atol=1e-6)
     with pytest.raises(ValueError, match="block 1 to 1"):
         model.backbone.forward_with_tap(images, 2)  # the last block computes the class token only

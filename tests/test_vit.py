@@ -112,3 +112,22 @@ def test_in_place_inference_path_equals_the_autograd_path():
     assert torch.equal(pooled, model(images).detach())
     model(images).sum().backward()  # and the autograd path still differentiates
     assert model.blocks[0].mlp.fc_in.weight.grad is not None
+
+
+def test_one_pass_gives_every_intermediate_the_named_forwards_give():
+    model = VisionTransformer(ViTConfig(image_size=32, patch_size=8, width=48, depth=3, num_heads=4)).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        pooled = model(images)
+        tokens = model.forward_features(images)
+        tapped = model.forward_with_tap(images, 2)
+        found = model.forward_intermediates(images, tap=2, all_tokens=True, attention=True, in_place=False)
+        quick = model.forward_intermediates(images, tap=1)  # the last block on the class token alone
+    assert quick.tokens is None and quick.attentions == [] and quick.pooled.shape == (2, 48)
+    assert torch.equal(tapped[0], pooled)
+    torch.testing.assert_close(tokens[:, 0], pooled, atol=1e-5, rtol=1e-5)  # a class-token-only last block
+    torch.testing.assert_close(found.tokens, tokens, atol=1e-5, rtol=1e-5)  # the explicit softmax
+    torch.testing.assert_close(found.tap, tapped[1], atol=1e-5, rtol=1e-5)
+    assert len(found.attentions) == 3 and found.attentions[0].shape == (2, 4, 17, 17)
+    with pytest.raises(ValueError, match="after block 1 to 2"):
+        model.forward_intermediates(images, tap=3)  # the last block computes the class token only

@@ -19,7 +19,7 @@ if TYPE_CHECKING:  # pragma: no cover - both modules import this one to draw the
     from mvit.evaluate.metrics import ReliabilityBins
 
 DPI = 120
-HEATMAP = "jet"  # the seed's colour map: readers of the old plots know it
+HEATMAP = "jet"  # red where the model looked most, blue where least: how attention maps are usually read
 
 
 def _save(figure: Figure, path: Path) -> Path:
@@ -85,7 +85,7 @@ def confidence_figure(
     positive: Optional[str] = None,
     threshold: Optional[float] = None,
 ) -> Path:
-    """Box plots of the seed's view. Binary head: the positive-class probability of true/false
+    """Box plots of how sure the head was, split by whether it was right. Binary head: the positive-class probability of true/false
     positives/negatives at the threshold. Multi-class head: the top-class confidence, right vs wrong."""
     figure = Figure(figsize=(6, 4.5))
     ax = figure.add_subplot()

@@ -1,9 +1,10 @@
 """Where the backbone looked: attention maps for a batch of images, at each image's own size.
 
-Four views, all from one pass of `VisionTransformer.forward_with_attention`:
+Four views, all from one pass of the backbone that keeps its attention probabilities
+(`VisionTransformer.forward_intermediates(..., attention=True)`):
 
 - last layer: the class token's attention to each patch in the last block, averaged over heads
-  (the seed's view), and the same per attention head and per layer;
+  (the usual first look), and the same per attention head and per layer;
 - rollout (Abnar & Zuidema, 2020): attention multiplied through the layers, with the residual
   connection counted as half of each layer's mixing;
 - class-specific (Chefer et al., 2021, "Generic attention-model explainability"): each layer's

@@ -20,7 +20,7 @@ The exporter is PyTorch's TorchScript-based one (`torch.onnx.export(..., dynamo=
 only the `onnx` package, runs offline, and handles every operation of the backbone. The
 torch.export-based exporter (PyTorch's default since 2.9) needs `onnxscript` as well.
 
-The graph is traced through the backbone's out-of-place path (`Block(x, in_place=False)`): the
+The graph is traced through the backbone's out-of-place path (`forward_intermediates(..., in_place=False)`): the
 in-place updates its inference path makes under `no_grad` give the same numbers in PyTorch but are
 not something a trace should rely on. `check_export` compares the file against PyTorch.
 """
@@ -89,15 +89,9 @@ class ExportGraph(nn.Module):
 
     def features(self, images: Tensor) -> tuple[Tensor, Optional[Tensor]]:
         """(pooled class token (N, D), the gate's feature (N, D) or None): the backbone's `forward` and
-        `forward_with_tap`, on the out-of-place path."""
-        backbone = self.backbone
-        x = backbone.embed(images)
-        tapped = None
-        for index, block in enumerate(backbone.blocks[:-1], start=1):
-            x = block(x, False)
-            if index == self.gate_layer:
-                tapped = x[:, 1:].mean(dim=1)  # the mean patch token after this block
-        pooled = backbone.final_norm(backbone.blocks[-1].forward_class_token(x))[:, 0]
+        `forward_with_tap`, from one out-of-place pass."""
+        found = self.backbone.forward_intermediates(images, tap=self.gate_layer, in_place=False)
+        pooled, tapped = found.pooled, found.tap
         if self.gate is None:
             return pooled, None
         return pooled, pooled if self.gate_layer is None else tapped

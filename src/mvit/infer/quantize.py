@@ -8,7 +8,7 @@ embedding, LayerNorm, GELU, the attention matmuls (softmax(QK^T)V), the residual
 with their temperatures and thresholds (they read the float32 pooled feature). The
 out-of-distribution gate reads its feature from the same int8 backbone pass.
 
-One linear stays float32: the last block's qkv, whose weight `Attention.forward_class_query` slices
+One linear stays float32: the last block's qkv, whose weight `Attention.forward(..., class_only=True)` slices
 (query for the class token only, keys and values for every token) and so must be a plain tensor.
 
 The quantised copy is made once per model and kept on it (`model._int8_backbone`, a plain attribute,

@@ -14,6 +14,7 @@ top to bottom in one place, as nanoGPT's model.py does.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import torch
@@ -105,39 +106,30 @@ class Attention(nn.Module):
         self.out = nn.Linear(config.width, config.width)
         self.out_dropout = _dropout(config.dropout)
 
-    def _split_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        B, T, D = x.shape
-        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_width).permute(2, 0, 3, 1, 4)
-        return qkv.unbind(0)  # 3 x (B, h, T, Dh)
+    def forward(self, x: Tensor, *, class_only: bool = False, keep_probabilities: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+        """Tokens (B, T, D) -> (attention output (B, T, D), or (B, 1, D) for the class token alone;
+        the attention probabilities (B, h, T', T), or None).
 
-    def _merge_heads(self, x: Tensor) -> Tensor:
-        B, h, T, Dh = x.shape
-        return self.out_dropout(self.out(x.transpose(1, 2).reshape(B, T, h * Dh)))  # (B, T, D)
-
-    def forward(self, x: Tensor) -> Tensor:
-        q, k, v = self._split_heads(x)
-        dropout = self.attention_dropout if self.training else 0.0
-        return self._merge_heads(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout))
-
-    def forward_class_query(self, x: Tensor) -> Tensor:
-        """Attention output for the class token only: (B, T, D) -> (B, 1, D).
-
-        Keys and values still come from every token, but the query, the softmax and the output
-        projection are computed for one token instead of T.
+        `class_only`: keys and values still come from every token, but the query, the softmax and
+        the output projection run for one token instead of T (the last block of a pooled forward).
+        `keep_probabilities`: the explicit softmax, whose probabilities attention maps read;
+        otherwise the fused kernel, which never materialises them.
         """
         B, T, D = x.shape
         h, Dh = self.num_heads, self.head_width
-        q = F.linear(x[:, :1], self.qkv.weight[:D], self.qkv.bias[:D]).reshape(B, 1, h, Dh).transpose(1, 2)
-        kv = F.linear(x, self.qkv.weight[D:], self.qkv.bias[D:]).reshape(B, T, 2, h, Dh).permute(2, 0, 3, 1, 4)
+        if class_only:
+            q = F.linear(x[:, :1], self.qkv.weight[:D], self.qkv.bias[:D]).reshape(B, 1, h, Dh).transpose(1, 2)
+            k, v = F.linear(x, self.qkv.weight[D:], self.qkv.bias[D:]).reshape(B, T, 2, h, Dh).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            q, k, v = self.qkv(x).reshape(B, T, 3, h, Dh).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, h, T, Dh)
         dropout = self.attention_dropout if self.training else 0.0
-        return self._merge_heads(F.scaled_dot_product_attention(q, kv[0], kv[1], dropout_p=dropout))
-
-    def forward_with_attention(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """The slow, explicit path that also returns the attention probabilities (B, h, T, T)."""
-        q, k, v = self._split_heads(x)
-        probabilities = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-        dropped = F.dropout(probabilities, self.attention_dropout, self.training)
-        return self._merge_heads(dropped @ v), probabilities
+        if keep_probabilities:
+            probabilities = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+            attended = F.dropout(probabilities, dropout, self.training) @ v
+        else:
+            probabilities, attended = None, F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        B, h, T_out, Dh = attended.shape
+        return self.out_dropout(self.out(attended.transpose(1, 2).reshape(B, T_out, h * Dh))), probabilities
 
 
 class Mlp(nn.Module):
@@ -187,23 +179,20 @@ class Block(nn.Module):
         self.mlp = Mlp(config)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: Tensor, in_place: bool = False) -> Tensor:
-        """`in_place`: add the residual branches into `x` itself. Only for inference, by a caller
-        that owns `x` (no autograd graph may need it)."""
-        if in_place:
-            x += self.attention(self.attention_norm(x))
+    def forward(self, x: Tensor, *, in_place: bool = False, class_only: bool = False,
+                keep_attention: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+        """Tokens (B, T, D) -> (the block's output (B, T, D), or (B, 1, D) for the class token alone;
+        the attention probabilities (B, h, T, T) when `keep_attention`, else None).
+
+        `in_place`: add the residual branches into `x` itself. Only for inference, by a caller that
+        owns `x` (no autograd graph may need it)."""
+        attended, probabilities = self.attention(self.attention_norm(x), class_only=class_only, keep_probabilities=keep_attention)
+        if class_only:
+            x = x[:, :1]  # a new (B, 1, D) view's sum below is a new tensor: safe whatever in_place says
+        if in_place and not class_only:
+            x += attended
             x += self.mlp(self.mlp_norm(x), in_place=True)
-            return x
-        x = x + self.drop_path(self.attention(self.attention_norm(x)))
-        return x + self.drop_path(self.mlp(self.mlp_norm(x)))
-
-    def forward_class_token(self, x: Tensor) -> Tensor:
-        """The block's output for the class token alone: (B, T, D) -> (B, 1, D)."""
-        x = x[:, :1] + self.drop_path(self.attention.forward_class_query(self.attention_norm(x)))
-        return x + self.drop_path(self.mlp(self.mlp_norm(x)))
-
-    def forward_with_attention(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        attended, probabilities = self.attention.forward_with_attention(self.attention_norm(x))
+            return x, probabilities
         x = x + self.drop_path(attended)
         return x + self.drop_path(self.mlp(self.mlp_norm(x))), probabilities
 
@@ -224,6 +213,16 @@ def resample_position_embedding(position_embedding: Tensor, grid: tuple[int, int
     patches = F.interpolate(patches, size=grid, mode="bicubic", align_corners=False)
     patches = patches.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], D).to(position_embedding.dtype)
     return torch.cat([class_part, patches], dim=1)
+
+
+@dataclass
+class Intermediates:
+    """What one pass through the backbone gives (`VisionTransformer.forward_intermediates`)."""
+
+    pooled: Tensor  # (B, D): the class token after the final norm
+    tokens: Optional[Tensor] = None  # (B, T, D): every token after the final norm, when asked for
+    tap: Optional[Tensor] = None  # (B, D): the mean patch token after the tapped block
+    attentions: list[Tensor] = field(default_factory=list)  # depth x (B, h, T, T), when asked for
 
 
 class VisionTransformer(nn.Module):
@@ -266,13 +265,32 @@ class VisionTransformer(nn.Module):
         tokens = torch.cat([self.class_token.expand(patches.shape[0], -1, -1), patches], dim=1)
         return self.embedding_dropout(tokens + position)
 
-    def forward_features(self, images: Tensor) -> Tensor:
-        """(B, C, H, W) -> every token after the final norm, (B, T, D)."""
-        x = self.embed(images)
-        in_place = self._inference()
-        for block in self.blocks:
-            x = block(x, in_place)
-        return self.final_norm(x)
+    def forward_intermediates(self, images: Tensor, *, tap: Optional[int] = None, all_tokens: bool = False,
+                              attention: bool = False, in_place: Optional[bool] = None) -> Intermediates:
+        """The one pass through the blocks that every other forward is (B, C, H, W) -> `Intermediates`.
+
+        Without `all_tokens` and `attention` the last block computes the class token alone: its
+        query, its MLP and the final norm run on 1 token instead of T, about a sixteenth of the
+        backbone's work. `tap`: also the mean patch token after that block (counted from 1, short
+        of the last), which the out-of-distribution gate reads. `attention`: every block's attention
+        probabilities, from the explicit softmax. `in_place`: update the tokens in place (default:
+        when no autograd graph or dropout needs them; never with `attention`).
+        """
+        class_only = not (all_tokens or attention)
+        if tap is not None and not 1 <= tap < len(self.blocks):
+            raise ValueError(f"a tap goes after block 1 to {len(self.blocks) - 1} of this backbone, not {tap}")
+        in_place = (self._inference() if in_place is None else in_place) and not attention
+        x = self.embed(images)  # (B, T, D)
+        attentions, tapped = [], None
+        for index, block in enumerate(self.blocks, start=1):
+            last = index == len(self.blocks)
+            x, probabilities = block(x, in_place=in_place, class_only=class_only and last, keep_attention=attention)
+            if attention:
+                attentions.append(probabilities)
+            if index == tap:
+                tapped = x[:, 1:].mean(dim=1)  # (B, T-1, D) -> (B, D); a new tensor, safe from in-place blocks
+        x = self.final_norm(x)  # (B, T, D), or (B, 1, D) for the class token alone
+        return Intermediates(pooled=x[:, 0], tokens=None if class_only else x, tap=tapped, attentions=attentions)
 
     def _inference(self) -> bool:
         # Without autograd (no_grad or inference_mode) and without dropout, the token tensor this
@@ -280,42 +298,22 @@ class VisionTransformer(nn.Module):
         return not torch.is_grad_enabled() and not self.training
 
     def forward(self, images: Tensor) -> Tensor:
-        """(B, C, H, W) -> the pooled class token, (B, D).
+        """(B, C, H, W) -> the pooled class token, (B, D); equal to `forward_features(images)[:, 0]`."""
+        return self.forward_intermediates(images).pooled
 
-        Equal to `forward_features(images)[:, 0]`, but the last block only computes what the class
-        token needs: its query, its MLP and the final norm run on 1 token instead of T, which saves
-        about a sixteenth of the backbone's work.
-        """
-        x = self.embed(images)
-        in_place = self._inference()
-        for block in self.blocks[:-1]:
-            x = block(x, in_place)
-        return self.final_norm(self.blocks[-1].forward_class_token(x))[:, 0]
+    def forward_features(self, images: Tensor) -> Tensor:
+        """(B, C, H, W) -> every token after the final norm, (B, T, D)."""
+        return self.forward_intermediates(images, all_tokens=True).tokens
 
     def forward_with_tap(self, images: Tensor, block: int) -> tuple[Tensor, Tensor]:
-        """(B, C, H, W) -> (the pooled class token (B, D), the mean patch token after block `block` (B, D)).
-
-        One pass: `forward` plus a mean. `block` counts from 1 and stops short of the last block,
-        which computes the class token only. The out-of-distribution gate reads the tap.
-        """
-        if not 1 <= block < len(self.blocks):
-            raise ValueError(f"a tap goes after block 1 to {len(self.blocks) - 1} of this backbone, not {block}")
-        x = self.embed(images)
-        in_place = self._inference()
-        for index, layer in enumerate(self.blocks[:-1], start=1):
-            x = layer(x, in_place)
-            if index == block:
-                tapped = x[:, 1:].mean(dim=1)  # (B, T-1, D) -> (B, D); a new tensor, safe from in-place blocks
-        return self.final_norm(self.blocks[-1].forward_class_token(x))[:, 0], tapped
+        """(B, C, H, W) -> (the pooled class token (B, D), the mean patch token after block `block` (B, D)), one pass."""
+        found = self.forward_intermediates(images, tap=block)
+        return found.pooled, found.tap
 
     def forward_with_attention(self, images: Tensor) -> tuple[Tensor, list[Tensor]]:
         """Tokens (B, T, D) and every layer's attention probabilities, depth x (B, h, T, T)."""
-        x = self.embed(images)
-        attentions = []
-        for block in self.blocks:
-            x, probabilities = block.forward_with_attention(x)
-            attentions.append(probabilities)
-        return self.final_norm(x), attentions
+        found = self.forward_intermediates(images, attention=True)
+        return found.tokens, found.attentions
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """Named groups for gradual unfreezing, from the input side to the output side."""

@@ -1,7 +1,7 @@
 """The training config: a TOML file validated by pydantic, with dotted command-line overrides.
 
-Every field has a default that follows the seed project's recipe, so a config names only its
-datasets and what it changes. An invalid config is one sentence naming the field.
+Every field has a default from the recipe docs/training.md explains (heads on a frozen backbone,
+then gradual unfreezing), so a config names only its datasets and what it changes. An invalid config is one sentence naming the field.
 """
 
 from __future__ import annotations
@@ -75,7 +75,8 @@ class OptimizerConfig(_Strict):
 
 
 class UnfreezeConfig(_Strict):
-    """The seed's recipe: train heads on a frozen backbone, then unfreeze one group at a time."""
+    """Train heads on a frozen backbone, then unfreeze one group at a time: a small dataset cannot
+    move a pretrained backbone far without overfitting, so it is moved last and gradually."""
 
     # gradual: frozen, then groups unfrozen from the output side; all: train everything from the
     # start (right for a random backbone); none: the backbone stays frozen (linear probing)

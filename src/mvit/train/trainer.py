@@ -1,6 +1,6 @@
 """The trainer: one backbone, each dataset's batches through its own heads, gradual unfreezing.
 
-The seed project's recipe, as a command: heads first on a frozen backbone, then one parameter group
+The recipe, as a command: heads first on a frozen backbone, then one parameter group
 unfrozen at a time from the output side back to the embeddings; class-balanced batches; several
 datasets interleaved so no head is starved. Each epoch writes metrics, the last model and (when it
 improved) the best model; a training state makes `--resume` continue exactly where it stopped.
