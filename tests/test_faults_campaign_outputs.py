@@ -188,10 +188,10 @@ def test_the_training_curves_are_named_once_and_leave_nothing_when_their_write_f
     folder = RunFolder(run)
     names = []
     savefig = Figure.savefig
-    monkeypatch.setattr(Figure, "savefig", lambda fig, path, **kw: (names.append(Path(path).name), savefig(fig, path, **kw)))
+    monkeypatch.setattr(Figure, "savefig", lambda fig, path, **kw: (names.append(Path(path).relative_to(run)), savefig(fig, path, **kw)))
     folder.plot(history, "balanced_accuracy")
     assert sorted(p.name for p in run.iterdir()) == ["curves.png"]
-    assert names == [f".curves.png.{os.getpid()}.partial"]  # one temporary name, not a partial of a partial
+    assert names == [Path(f".curves.png.{os.getpid()}.partial", "curves.png")]  # one temporary name, not a partial of a partial
     before = (run / "curves.png").read_bytes()
 
     def fails(fig, path, **kw):

@@ -6,13 +6,14 @@ and never touches pyplot's global state or a display, so it works headless and i
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
+
+from mvit.files import written_aside
 
 if TYPE_CHECKING:  # pragma: no cover - both modules import this one to draw their figures
     from mvit.infer.attention import AttentionMaps
@@ -236,12 +237,7 @@ def plot_training_curves(history: list[dict], path: Path, metric: str = "balance
 
 
 def _save_aside(fig: Figure, path: Path) -> None:
-    """`fig` as a PNG at `path`, written beside it and renamed: a failed or interrupted write leaves
-    the previous file whole and no partial behind (named once, as the run folder's partials are)."""
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
+    """`fig` as a PNG at `path`, whole or not at all (`mvit.files.written_aside`): a failed or
+    interrupted write leaves the previous file whole and no partial behind."""
+    with written_aside(path) as partial:
         fig.savefig(partial, dpi=100, format="png")
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise

@@ -101,7 +101,7 @@ def calibrate_command(
     cache: Optional[Path] = typer.Option(None, "--cache", help="HDF5 feature cache to keep the features in, so calibrating again (another --method or --accept) skips the backbone"),
 ) -> None:
     """Fit an out-of-distribution gate onto a trained model, without retraining: training images make the reference, the validation split sets the threshold."""
-    from mvit.cli.output_file import written_aside
+    from mvit.files import written_aside
     from mvit.evaluate.gate import calibration_paths, fit_gate
     from mvit.infer import model_file as model_files
     from mvit.infer.ood import check_options, resolve_layer

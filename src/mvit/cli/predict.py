@@ -206,7 +206,7 @@ def _format_of(output: OutputFormat, output_file: Optional[Path]) -> OutputForma
 def _open_for_writing(path: Path) -> tuple[contextlib.ExitStack, object]:
     """The file to write the predictions to, beside `path`, and the context whose end closes it and
     renames it into place (or removes it, when the command fails or is interrupted)."""
-    from mvit.cli.output_file import written_aside
+    from mvit.files import written_aside
 
     with contextlib.ExitStack() as stack:
         try:

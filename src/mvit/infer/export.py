@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ from typing import TYPE_CHECKING, Iterable, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from mvit.files import written_aside
 from mvit.errors import MvitError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -226,9 +226,7 @@ def export_onnx(
     size = model.preprocessing.image_size
     example = torch.zeros(2, 3, size, size)  # batch 2: no size-1 dimension for the trace to take as fixed
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
+    with written_aside(path) as partial:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the exporter's deprecation notice and trace warnings
             torch.onnx.export(
@@ -255,16 +253,11 @@ def export_onnx(
         entry.key, entry.value = METADATA_KEY, json.dumps(metadata)
         onnx.checker.check_model(proto)
         onnx.save(proto, str(partial))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(partial, 0o666 & ~umask)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
     written = None
     if sidecar:
         written = path.with_name(path.name + ".json")
-        written.write_text(json.dumps(metadata, indent=2) + "\n")
+        with written_aside(written) as partial:
+            partial.write_text(json.dumps(metadata, indent=2) + "\n")
     return Exported(path, graph.output_names, metadata, written)
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -28,6 +27,7 @@ from mvit.infer.ood import GateInfo, OODGate
 from mvit.data.transforms import Preprocessing
 from mvit.nn.vit import VisionTransformer, ViTConfig
 from mvit.errors import ModelFileError
+from mvit.files import written_aside
 from mvit.infer.model_opener import read as read_model_file
 from mvit.infer.reference import TENSOR_PREFIX as REFERENCE_PREFIX
 from mvit.infer.reference import ReferenceFeatures, ReferenceInfo
@@ -128,14 +128,8 @@ def save(model: Model, path: Union[str, Path], *, half: bool = False, provenance
     if isinstance(training_images, TrainingImages):
         tensors[TRAINING_TENSORS["content"]] = torch.tensor(sorted(training_images.content), dtype=torch.int64)
         tensors[TRAINING_TENSORS["isic"]] = torch.tensor(sorted(training_images.isic), dtype=torch.int32)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    save_file(tensors, str(partial), metadata={METADATA_KEY: metadata.model_dump_json()})
-    # safetensors writes owner-only (0600) files; a model file is meant to be shared, as any file the user writes
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(partial, 0o666 & ~umask)
-    os.replace(partial, path)
+    with written_aside(path) as partial:  # shared as any file the user writes, though safetensors writes 0600
+        save_file(tensors, str(partial), metadata={METADATA_KEY: metadata.model_dump_json()})
     return path
 
 

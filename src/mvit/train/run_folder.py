@@ -24,6 +24,7 @@ from typing import Iterator
 import torch
 
 from mvit.errors import ConfigError, DiskFull, ModelFileError, MvitError
+from mvit.files import written_aside
 from mvit.infer import model_file
 from mvit.infer.model import Model
 from mvit.registry.leakage import TrainingImages, recorded_training_images
@@ -118,13 +119,11 @@ class RunFolder:
 
     def save_state(self, state: dict) -> None:
         """Written aside, then renamed: an interrupted write leaves the previous state whole."""
-        partial = self.path / f".{STATE_FILE}.{os.getpid()}.partial"
-        with self.writing(self.state, "the training state", partial):
+        with self.writing(self.state, "the training state"), written_aside(self.state) as partial:
             with open(partial, "wb") as file:
                 torch.save(state, file)
                 file.flush()
                 os.fsync(file.fileno())
-            os.replace(partial, self.state)
 
     def load_state(self, device: torch.device) -> dict:
         if not self.state.is_file():
@@ -158,31 +157,27 @@ class RunFolder:
                                  f"or start the run again") from None
 
     def save_model(self, model: Model, path: Path, heads: dict, provenance: dict) -> None:
-        with self.writing(path, "the model", *self.path.glob(f".{path.name}.*.partial")):
+        with self.writing(path, "the model"):
             save_model(model, path, heads, provenance)
 
     def save_calibrated(self, model: Model, provenance: dict) -> None:
-        with self.writing(self.best, "the calibrated best model", *self.path.glob(f".{self.best.name}.*.partial")):
+        with self.writing(self.best, "the calibrated best model"):
             model_file.save(model, self.best, provenance=provenance)
 
     # ---- writing
 
     def _write_text(self, path: Path, text: str) -> None:
-        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        with self.writing(path, path.name, partial):
+        with self.writing(path, path.name), written_aside(path) as partial:
             partial.write_text(text)
-            os.replace(partial, path)
 
     @contextlib.contextmanager
-    def writing(self, path: Path, what: str, *partials: Path) -> Iterator[None]:
-        """A write that fails (disk full, read-only, a file where a folder should be) is one sentence,
-        and leaves no half-written file behind; the files already written stay as they were."""
+    def writing(self, path: Path, what: str) -> Iterator[None]:
+        """A write that fails (disk full, read-only, a file where a folder should be) is one sentence.
+        Every file of the folder is written aside (`mvit.files.written_aside`), so none is left
+        half-written and the files already written stay as they were."""
         try:
             yield
-        except BaseException as error:  # Ctrl-C too: its partial is removed as well
-            for partial in [*partials, *self.path.glob(f".{path.name}.*.partial")] if self.path.is_dir() else partials:
-                with contextlib.suppress(OSError):
-                    Path(partial).unlink()
+        except Exception as error:
             reason = write_failure(error) if isinstance(error, Exception) else None
             if reason is None:
                 raise

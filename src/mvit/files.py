@@ -1,5 +1,6 @@
-"""A file a command writes (`predict --output`, `calibrate --output`), written aside and renamed into
-place once complete, so that its final name never holds half of it.
+"""Every file mvit writes whole or not at all (model files, ONNX exports, predictions, run states,
+figures): written aside and renamed into place once complete, so that its final name never holds
+half of it. A leaf any stage may use.
 
 The partial lives in a hidden folder of its own beside the final path (`.NAME.PID.partial/`):
 whatever the writer makes there (safetensors' own `.tmpXXXX`, a partial of a partial) goes with
@@ -25,7 +26,9 @@ from mvit.errors import Terminated
 
 @contextlib.contextmanager
 def written_aside(path: Path) -> Iterator[Path]:
-    """The path to write `path`'s content to; renamed into place when the block ends without error."""
+    """The path to write `path`'s content to; renamed into place when the block ends without error,
+    with the permissions a plain `open` gives (0666 less the umask), whatever the writer set
+    (safetensors writes owner-only files; a model file is meant to be shared)."""
     path = Path(path)
     if _is_special(path):  # /dev/stdout, a FIFO, a device: nothing to rename, written in place
         yield path
@@ -37,12 +40,19 @@ def written_aside(path: Path) -> Iterator[Path]:
         with _terminate_as_interrupt():
             try:
                 yield folder / path.name
+                os.chmod(folder / path.name, 0o666 & ~_umask())
                 os.replace(folder / path.name, path)
             except Exception as error:
                 _raise_disk_full(error, path)
                 raise
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _umask() -> int:
+    umask = os.umask(0)  # the only way to read it is to set it
+    os.umask(umask)
+    return umask
 
 
 def _is_special(path: Path) -> bool:
