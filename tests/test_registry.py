@@ -558,7 +558,7 @@ def test_leak_free_splits_and_the_leaks_command(tmp_path, capsys, monkeypatch):
 @pytest.mark.parametrize(
     "changes, says",
     [
-        ({"classes": ("a", "b", "c"), "positive": "a"}, "a positive class needs a binary head"),
+        ({"classes": ("a", "b", "c"), "positive": "a"}, "is for a two-class head only"),
         ({"classes": ("unknown", "known")}, "'unknown' is the label of an abstained prediction"),
     ],
 )

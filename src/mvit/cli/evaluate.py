@@ -34,7 +34,7 @@ def evaluate_command(
     quiet_unless_rank_zero()  # under torchrun rank 0 alone prints and writes
     check_writable(out, "--out", folder=True)
     model = load_model(model_file, local_device(device), site)
-    processes = Processes.from_environment(next(model.parameters()).device.type)
+    processes = Processes.from_environment(model.device.type)
     model.select_heads(head)
     dataset = manager.get_head(head).dataset if dataset is None else manager.get_dataset(dataset).name
     settings = split_settings(model.provenance, dataset)

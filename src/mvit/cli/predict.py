@@ -39,7 +39,7 @@ def predict_command(
         check_writable(output_file, "--output", folder=False)
     files, shown = _find_images(paths)
     model = load_model(model_file, local_device(device), site)
-    processes = Processes.from_environment(next(model.parameters()).device.type)
+    processes = Processes.from_environment(model.device.type)
     names = model.select_heads(heads)
     with processes:  # a clean run leaves the process group here, after the last exchange (see Processes.close)
         failed = _predict_share(model, files, shown, names, processes, output, output_file, threshold=threshold, tta=tta,
@@ -59,7 +59,7 @@ def _predict_share(model, files: list, shown: list[str], names: list[str], proce
     from mvit.infer.predict import predict_stream
     from mvit.progress import progress_bar
 
-    device = next(model.parameters()).device
+    device = model.device
     mine = processes.shard(len(files), batch_size)  # every input without torchrun; under it, whole batches
     stream = predict_stream(
         model, [files[index] for index in mine], names, threshold=threshold, tta=tta, precision=precision, batch_size=batch_size,

@@ -48,7 +48,7 @@ def pooled_features(
     Returns features (n, D) float32 on the CPU for the inputs that decoded, their positions in
     `items`, and position -> error sentence for those that did not.
     """
-    device = next(model.parameters()).device
+    device = model.device
     if workers is None:
         workers = loader_workers(len(items), batch_size, device)
     rows, kept, errors = [], [], {}
@@ -126,7 +126,7 @@ def gate_features(model, paths: list[Path], layer: Optional[int], cache, precisi
                   *, batch_size: int = 32) -> Tensor:
     """The features (N, D) a gate reads (`layer`: None pooled, N the mean patch token after block N)
     of `paths`, through the HDF5 cache, which computes only those it lacks."""
-    device = next(model.parameters()).device
+    device = model.device
     workers = loader_workers(len(paths), batch_size, device) if workers is None else workers
     backbone = model.backbone if layer is None else _Tapped(model.backbone, layer)
     return FeatureCache(Path(cache), warn=say).load(

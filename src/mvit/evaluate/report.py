@@ -117,7 +117,7 @@ def evaluate_head(
     processes = processes or Processes()
     mine = processes.shard(len(paths), batch_size)  # every image in one process; under torchrun, whole batches
     if workers is None:
-        workers = loader_workers(len(mine), batch_size, next(model.parameters()).device, processes.local_world)
+        workers = loader_workers(len(mine), batch_size, model.device, processes.local_world)
 
     found = []  # (input positions, logits (b, K), gate scores (b,) or None) per batch, and unreadable (position, sentence)
     errors: list[tuple[int, str]] = []

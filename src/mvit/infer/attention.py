@@ -159,7 +159,7 @@ def attention_maps(
             def pick(logits: Tensor) -> Tensor:  # the class asked for, for every image
                 return torch.full((len(logits),), chosen, device=logits.device)
         else:
-            positive = info.classes.index(info.positive) if info.is_binary else None
+            positive = info.positive_index
             decision_threshold = thresholds_for(model.heads, [head], threshold if info.is_binary else None)[head]
 
             def pick(logits: Tensor) -> Tensor:  # the head's own decision, as `predict` makes it
@@ -168,7 +168,7 @@ def attention_maps(
     elif target is not None:
         raise ConfigError("a target class needs a head to take it from; pass head=NAME")
     model.eval()
-    device = next(model.parameters()).device
+    device = model.device
     transform = eval_transform(model.preprocessing)
     results: list[AttentionMaps] = []
     for start in range(0, len(items), batch_size):

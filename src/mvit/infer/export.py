@@ -291,7 +291,7 @@ def torch_outputs(model: Model, images: Tensor, heads: list[str], *, logits: boo
     from mvit.infer.prediction import calibrated
 
     model.eval()
-    device = next(model.parameters()).device
+    device = model.device
     found, scores = forward_images(model, images.to(device), heads, tta=False, dtype=None)
     outputs: dict[str, Tensor] = {}
     for name in heads:

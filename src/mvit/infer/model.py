@@ -40,6 +40,11 @@ class Model(nn.Module):
         self.sites: dict[str, Site] = {}  # site profiles by name (`sites.py`), fitted by `mvit adapt`
         self.site: Optional[str] = None  # the site this model answers as (`with_site`); None: the base heads
 
+    @property
+    def device(self):
+        """The device the model's weights are on (torch.device)."""
+        return next(self.backbone.parameters()).device
+
     # ---- heads ------------------------------------------------------------------------------
 
     @property
@@ -53,7 +58,7 @@ class Model(nn.Module):
         if info.name in self._head_info:
             raise MvitError(f"the model already has a head named {info.name!r}")
         module = ClassifierHead(self.backbone.width, len(info.classes), info.config)
-        module.to(next(self.backbone.parameters()).device)
+        module.to(self.device)
         self.classifiers[info.name] = module
         self._head_info[info.name] = info
         return module

@@ -121,7 +121,7 @@ def image_batches(
 ) -> Iterator[tuple[ImageBatch, Optional[torch.dtype]]]:
     """Decoded batches in input order, decoding in `workers` processes ahead of the model, with the
     images moved to the model's device; and the autocast dtype to run them in."""
-    device = next(model.parameters()).device
+    device = model.device
     dtype = autocast_dtype(precision, device)
     model.eval()
     for batch in image_loader(items, eval_transform(model.preprocessing), batch_size=batch_size, workers=workers, device=device):
@@ -169,7 +169,7 @@ def batch_predictions(
     for name, logits in batch.logits.items():
         info = model.heads[name]
         probabilities = calibrated(logits, info).numpy()  # (b, K)
-        positive = info.classes.index(info.positive) if info.is_binary else None
+        positive = info.positive_index
         decided = decide(probabilities, positive, thresholds[name])  # (b,)
         for row, index in enumerate(batch.indices):
             found[index].append(

@@ -9,7 +9,7 @@ from typing import Any, Optional
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor, nn
 
-from mvit.registry.specs import NAME_PATTERN, HeadConfig, HeadSpec
+from mvit.registry.specs import NAME_PATTERN, HeadConfig, HeadSpec, check_class_set
 
 
 class ClassifierHead(nn.Module):
@@ -86,19 +86,7 @@ class HeadInfo(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> "HeadInfo":
-        """The same rules as a plugin's `HeadSpec`, and a positive class only on a two-class head
-        (the decision rule thresholds one of exactly two classes)."""
-        if len(self.classes) < 2:
-            raise ValueError(f"head {self.name!r} needs at least two classes, got {list(self.classes)}")
-        twice = sorted({c for c in self.classes if self.classes.count(c) > 1})
-        if twice:
-            raise ValueError(f"head {self.name!r} lists class {', '.join(map(repr, twice))} twice: {list(self.classes)}")
-        if self.positive is not None:
-            if self.positive not in self.classes:
-                raise ValueError(f"head {self.name!r}: positive class {self.positive!r} is not one of its classes {list(self.classes)}")
-            if len(self.classes) != 2:
-                raise ValueError(f"head {self.name!r} has {len(self.classes)} classes, but a positive class "
-                                 f"({self.positive!r}) is for a two-class head only")
+        check_class_set(self.name, self.classes, self.positive)  # the rules of a plugin's HeadSpec
         return self
 
     @classmethod
@@ -115,3 +103,8 @@ class HeadInfo(BaseModel):
     @property
     def is_binary(self) -> bool:
         return len(self.classes) == 2 and self.positive is not None
+
+    @property
+    def positive_index(self) -> Optional[int]:
+        """The output a binary head thresholds (its positive class's); None for any other head."""
+        return self.classes.index(self.positive) if self.is_binary else None

@@ -47,6 +47,22 @@ class HeadConfig(BaseModel):
         return sizes
 
 
+def check_class_set(head: str, classes: tuple[str, ...], positive: Optional[str]) -> None:
+    """The rules every head's classes follow, as a plugin declares them (`HeadSpec`) and as a model
+    file stores them (`HeadInfo`): two classes or more, none twice, and a positive class only on a
+    two-class head, as one of its classes (the decision rule thresholds one of exactly two).
+    ValueError with the sentence, for pydantic to report."""
+    if len(classes) < 2:
+        raise ValueError(f"head {head!r} needs at least two classes, got {list(classes)}")
+    twice = sorted({c for c in classes if classes.count(c) > 1})
+    if twice:
+        raise ValueError(f"head {head!r} lists class {', '.join(map(repr, twice))} twice: {list(classes)}")
+    if positive is not None and positive not in classes:
+        raise ValueError(f"head {head!r}: positive class {positive!r} is not one of its classes {list(classes)}")
+    if positive is not None and len(classes) != 2:
+        raise ValueError(f"head {head!r} has {len(classes)} classes, but a positive class ({positive!r}) is for a two-class head only")
+
+
 class HeadSpec(BaseModel):
     """A class set a model can be trained to predict, with the dataset whose labels feed it."""
 
@@ -63,17 +79,10 @@ class HeadSpec(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> "HeadSpec":
-        if len(self.classes) < 2:
-            raise ValueError(f"head {self.name!r} needs at least two classes, got {list(self.classes)}")
-        if len(set(self.classes)) != len(self.classes):
-            raise ValueError(f"head {self.name!r} lists a class twice: {list(self.classes)}")
+        check_class_set(self.name, self.classes, self.positive)
         unknown = {c for c in self.label_map.values() if c is not None} - set(self.classes)
         if unknown:
             raise ValueError(f"head {self.name!r} maps labels to unknown classes {sorted(unknown)}")
-        if self.positive is not None and self.positive not in self.classes:
-            raise ValueError(f"head {self.name!r}: positive class {self.positive!r} is not one of its classes")
-        if self.positive is not None and len(self.classes) != 2:
-            raise ValueError(f"head {self.name!r}: a positive class needs a binary head, and it has {len(self.classes)} classes")
         if RESERVED_CLASS in self.classes:
             raise ValueError(f"head {self.name!r}: {RESERVED_CLASS!r} is the label of an abstained prediction; rename that class")
         return self

@@ -47,7 +47,7 @@ class Service:
     def __init__(self, model: Model, settings: ServeSettings):
         self.model, self.settings = model, settings
         model.eval()
-        device = next(model.parameters()).device
+        device = model.device
         if settings.precision == "int8":
             check_int8_device(device)
         dtype = autocast_dtype(settings.precision, device)

@@ -90,7 +90,7 @@ def adapt(model: Model, site: str, samples: Sequence[Sample], options: AdaptOpti
         raise ConfigError(f"--site-weight must be a positive number, got {options.site_weight}")
     targets = site_targets(model, samples, options.heads)
     paths = [sample.path for sample in samples]
-    device = next(model.parameters()).device
+    device = model.device
     dtype = autocast_dtype(precision, device)
     workers = loader_workers(len(paths), 32, device) if workers is None else workers
     features_cache = FeatureCache(cache, warn=say, bad_images=BadImages("stop"))
@@ -177,7 +177,7 @@ def _adapt_head(model: Model, name: str, X: Tensor, y: Tensor, groups: list[str]
     K = len(base.classes)
     fit = _site_fitter(model, name, K, options, notes)
     with torch.no_grad():
-        base_probabilities = calibrated(model.head_logits(X.to(next(model.parameters()).device), name)[name].float().cpu(), base)
+        base_probabilities = calibrated(model.head_logits(X.to(model.device), name)[name].float().cpu(), base)
     score = _scorer(base)
     folds, out_of_fold = [], torch.zeros(len(y), K)  # every repeat's folds; the first repeat's predictions
     for repeat in range(options.repeats):
@@ -262,7 +262,7 @@ def _scorer(info: HeadInfo) -> Callable[[np.ndarray, np.ndarray], float]:
     from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
     if info.is_binary:
-        positive = info.classes.index(info.positive)
+        positive = info.positive_index
         return lambda p, y: float(roc_auc_score(y == positive, p[:, positive]))
     return lambda p, y: float(balanced_accuracy_score(y, p.argmax(1)))
 
@@ -278,7 +278,7 @@ def _mean_interval(values: np.ndarray, folds: int, low: float = 0.0, high: float
 def _operating_point(probabilities: np.ndarray, y: np.ndarray, info: HeadInfo, target: float) -> dict:
     """A binary head's threshold for `target` sensitivity, chosen on the out-of-fold predictions, and
     the sensitivity and specificity it gives there (Wilson intervals)."""
-    positive = info.classes.index(info.positive)
+    positive = info.positive_index
     is_positive = y == positive
     threshold = choose_threshold(probabilities[:, positive], is_positive, target)
     flagged = probabilities[:, positive] >= threshold

@@ -38,7 +38,7 @@ def calibrate_heads(model: Model, valid_logits: dict[str, tuple[Tensor, Tensor]]
             probabilities = torch.softmax(logits / temperature, dim=1).numpy()
             changes["temperature"] = temperature
             if info.is_binary:
-                positive = info.classes.index(info.positive)
+                positive = info.positive_index
                 for cls, present in ((info.positive, targets == positive), (info.classes[1 - positive], targets != positive)):
                     if not bool(present.any()):
                         raise ValueError(f"no {cls} image among its {len(targets)} readable validation images")
