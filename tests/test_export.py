@@ -24,7 +24,7 @@ from clirun import call_mvit  # noqa: E402
 from conftest import SHARED_DATA, TINY, tiny_model  # noqa: E402
 from mvit.data.transforms import Preprocessing, eval_transform  # noqa: E402
 from mvit.infer import model_file  # noqa: E402
-from mvit.infer.export import GATE_OUTPUT, METADATA_KEY, check_export, export_onnx, read_metadata  # noqa: E402
+from mvit.infer.export import GATE_OUTPUT, METADATA_KEY, check_export, export_onnx, read_export_metadata  # noqa: E402
 from mvit.infer.model import HeadInfo, Model  # noqa: E402
 from mvit.infer.ood import fit_gate_on_features  # noqa: E402
 from mvit.nn.vit import VisionTransformer  # noqa: E402
@@ -140,7 +140,7 @@ def test_tiny_model_gives_mvits_probabilities_through_the_documented_code(tmp_pa
     paths = write_images(tmp_path)
     assert_matches_mvit(model, exported.path, paths, ["mel", "three"])
     # the probabilities are not trivially uniform: the comparison above had something to compare
-    outputs = onnx_outputs(exported.path, np.stack([DOC["preprocess"](p, read_metadata(exported.path)["preprocessing"]) for p in paths]))
+    outputs = onnx_outputs(exported.path, np.stack([DOC["preprocess"](p, read_export_metadata(exported.path)["preprocessing"]) for p in paths]))
     assert outputs["probabilities.three"].max() > 0.5
 
 
@@ -173,7 +173,7 @@ def test_a_head_subset_exports_only_those_heads_and_their_metadata(tmp_path):
 def test_the_metadata_says_how_to_prepare_the_input_and_read_the_outputs(tmp_path):
     model = tiny_gated_model("crop+colour+knn")
     exported = export_onnx(model, tmp_path / "tiny.onnx", sidecar=True)
-    meta = read_metadata(exported.path)
+    meta = read_export_metadata(exported.path)
     assert json.loads(exported.sidecar.read_text()) == meta == exported.metadata
     import onnxruntime
 
@@ -205,7 +205,7 @@ def bundled(tmp_path_factory):
 def test_the_bundled_model_exports_every_head_and_its_gate(bundled, tmp_path):
     model, exported = bundled
     assert exported.outputs == [*(f"probabilities.{h}" for h in model.heads), GATE_OUTPUT]
-    assert read_metadata(exported.path)["heads"]["dermmel"]["threshold"] == model.heads["dermmel"].threshold
+    assert read_export_metadata(exported.path)["heads"]["dermmel"]["threshold"] == model.heads["dermmel"].threshold
     worst = assert_matches_mvit(model, exported.path, write_images(tmp_path, sizes=((300, 225), (225, 300), (161, 149))), list(model.heads))
     assert worst <= TOLERANCE
 
@@ -237,7 +237,7 @@ def test_the_command_writes_a_checked_file(capsys, monkeypatch, tmp_path):
     assert done.code == 0, done.stderr
     assert done.stdout.strip() == str(tmp_path / "tiny.onnx")
     assert "checked with onnxruntime" in done.stderr and (tmp_path / "tiny.onnx.json").is_file()
-    assert list(read_metadata(tmp_path / "tiny.onnx")["heads"]) == ["mel"]
+    assert list(read_export_metadata(tmp_path / "tiny.onnx")["heads"]) == ["mel"]
 
 
 @pytest.mark.parametrize(

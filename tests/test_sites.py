@@ -322,14 +322,14 @@ def test_an_onnx_export_is_one_site_or_the_base_heads(adapted, tmp_path, capsys,
     """`mvit export --site`: the site's heads and thresholds in the graph and its metadata, checked
     against mvit; the graph's gate is the training images' (the site's gate widens it in mvit only)."""
     pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip install 'mvit[onnx]')")
-    from mvit.infer.export import read_metadata
+    from mvit.infer.export import read_export_metadata
 
     out = tmp_path / "clinic.onnx"
     done = call_mvit(capsys, monkeypatch, "export", str(adapted["model"]), "--site", SITE, "-H", "dermmel", "-o", str(out))
     assert done.code == 0, done.stderr
-    metadata = read_metadata(out)
+    metadata = read_export_metadata(out)
     site_head = mvit.load(adapted["model"]).with_site(SITE).heads["dermmel"]
     assert metadata["site"] == SITE and metadata["heads"]["dermmel"]["threshold"] == site_head.threshold
     base = tmp_path / "base.onnx"
     assert call_mvit(capsys, monkeypatch, "export", str(adapted["model"]), "-H", "dermmel", "-o", str(base)).code == 0
-    assert read_metadata(base)["site"] is None
+    assert read_export_metadata(base)["site"] is None

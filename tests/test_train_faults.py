@@ -204,7 +204,7 @@ def test_resuming_onto_a_split_that_lost_its_positives_is_refused_before_any_epo
 
 
 def test_calibration_never_raises_a_bare_value_error():
-    from mvit.train.calibration import calibrate_heads
+    from mvit.train.final_calibration import calibrate_heads
     from mvit.train.config import CalibrationConfig
     from conftest import tiny_model
 

@@ -3,7 +3,7 @@ results of every share brought back to rank 0 in input order.
 
 The helpers every stage that runs over inputs needs (`mvit predict` and `mvit evaluate` as well as
 `mvit extract` and `mvit train`), so they live here, below inference; the training-only part
-(DistributedDataParallel) stays in `mvit.train.distributed`. One process (no torchrun) is rank 0 of
+(DistributedDataParallel) stays in `mvit.train.ddp`. One process (no torchrun) is rank 0 of
 1: no process group, no communication, the inputs all its own. torch.distributed is imported only
 under torchrun.
 

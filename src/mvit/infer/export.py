@@ -261,7 +261,7 @@ def export_onnx(
     return Exported(path, graph.output_names, metadata, written)
 
 
-def read_metadata(path: Union[str, Path]) -> dict:
+def read_export_metadata(path: Union[str, Path]) -> dict:
     """The mvit metadata of an exported ONNX file (with onnxruntime alone, the same is
     `json.loads(session.get_modelmeta().custom_metadata_map["mvit"])`)."""
     import onnx

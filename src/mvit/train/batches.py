@@ -15,7 +15,7 @@ from mvit.data.sampling import balanced_batches, batches_per_dataset, interleave
 from mvit.data.transforms import Preprocessing, train_transform
 from mvit.infer.model import Model
 from mvit.train.config import TrainConfig
-from mvit.train.distributed import Processes
+from mvit.data.distributed import Processes
 from mvit.train.tasks import TRAIN, Task
 
 
@@ -63,7 +63,7 @@ def training_batches(tasks: list[Task], steps: list[tuple[int, list[int]]], conf
     for k, task in enumerate(tasks):
         batches = [batch for i, batch in steps if i == k]
         count = sum(len(batch) for batch in batches)
-        loaders.append(image_batches(task.paths(TRAIN), transform, batches, workers=workers(count), device=device,
+        loaders.append(decoded_batches(task.paths(TRAIN), transform, batches, workers=workers(count), device=device,
                                      bad_images=bad_images))
     return _steps_from_images(tasks, steps, loaders, device)
 
@@ -86,7 +86,7 @@ def _steps_from_images(tasks, steps, loaders: list[Iterator[ImageBatch]], device
         yield task, decoded.images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
 
 
-def image_batches(paths: list[Path], transform: Callable, batches: list[list[int]], *, workers: int,
+def decoded_batches(paths: list[Path], transform: Callable, batches: list[list[int]], *, workers: int,
                   device: torch.device, bad_images: Optional[BadImages] = None) -> Iterator[ImageBatch]:
     """Decoded batches of `paths` as `batches` lists them; an unreadable image stops the run with its
     sentence, or (`bad_images` "skip") is left out of its batch."""

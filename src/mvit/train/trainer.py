@@ -37,12 +37,13 @@ from mvit.registry.leakage import recorded_training_images
 from mvit.nn.precision import autocast, autocast_dtype, resolve_device
 from mvit.progress import progress_bar
 from mvit.train.averaging import averaged_weights, make_ema
-from mvit.train.batches import SplitFeatures, decoding_workers, epoch_steps, image_batches, training_batches
+from mvit.train.batches import SplitFeatures, decoding_workers, epoch_steps, decoded_batches, training_batches
 from mvit.train import closed_form
-from mvit.train.calibration import calibrate_heads, run_gate
+from mvit.train.final_calibration import calibrate_heads, run_gate
 from mvit.train.config import BUNDLED, TrainConfig
 from mvit.data.distributed import environment_local_rank, environment_rank
-from mvit.train.distributed import Processes, step_module
+from mvit.data.distributed import Processes
+from mvit.train.ddp import step_module
 from mvit.train.epoch_metrics import HeadStats, epoch_line, epoch_record
 from mvit.train.model_setup import build_model
 from mvit.train.optim import apply_unfreezing, make_optimizer, make_schedule, unfreeze_order, unfrozen_groups
@@ -300,7 +301,7 @@ class Trainer:
         bar = progress.add_task(f"{task.dataset} {task.roles[role]}", total=len(batches))
         out: dict[str, list[Tensor]] = {name: [torch.empty(0, len(self.model.heads[name].classes))] for name in task.heads}
         decoded = torch.zeros(len(paths), dtype=torch.bool)
-        images = image_batches(paths, eval_transform(self.config.preprocessing), batches, workers=self._workers(len(paths)),
+        images = decoded_batches(paths, eval_transform(self.config.preprocessing), batches, workers=self._workers(len(paths)),
                                device=self.device, bad_images=self.bad_images)
         for batch in images:
             if batch.images is not None:

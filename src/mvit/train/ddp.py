@@ -1,6 +1,6 @@
 """Several processes under torchrun, for training: the DistributedDataParallel wrapping of a training
 step (one process: no wrapping). Which process this is and the process group (`Processes`) live in
-`mvit.data.distributed`, shared with prediction and evaluation; re-exported here for the trainer."""
+`mvit.data.distributed`, shared with prediction and evaluation."""
 
 from __future__ import annotations
 
@@ -9,9 +9,6 @@ from torch import Tensor, nn
 
 from mvit.data.distributed import Processes
 from mvit.infer.model import Model
-
-__all__ = ["Processes", "StepModule", "step_module"]
-
 
 class StepModule(nn.Module):
     """What DistributedDataParallel wraps: images or cached features -> the task's head logits."""
