@@ -17,7 +17,7 @@ import time
 import timm
 import torch
 
-from mvit.nn.precision import cpu_has_fast_bfloat16
+from mvit.runtime.precision import cpu_has_fast_bfloat16
 from mvit.nn.weights import create_backbone, load_timm_state_dict
 
 

@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 
 from mvit.infer.model import HeadInfo, Model
-from mvit.nn.precision import autocast, autocast_dtype, cpu_has_fast_bfloat16
+from mvit.runtime.precision import autocast, autocast_dtype, cpu_has_fast_bfloat16
 from mvit.data.dataset import loader_workers
 from mvit.infer.predict import predict_stream
 from mvit.data.transforms import Preprocessing, eval_transform

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mvit.data import features as features_module
-from mvit.data.distributed import Processes
+from mvit.runtime.distributed import Processes
 from mvit.data.features import FeatureCache, fingerprint
 from mvit.data.transforms import Preprocessing
 from mvit.nn.vit import VisionTransformer

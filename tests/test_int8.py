@@ -19,7 +19,7 @@ from mvit.infer import quantize
 from mvit.infer.ood import GateInfo, OODGate
 from mvit.infer.predict import logits_stream
 from mvit.infer.prediction import calibrated
-from mvit.nn.precision import PRECISIONS, autocast_dtype, cpu_has_fast_bfloat16
+from mvit.runtime.precision import PRECISIONS, autocast_dtype, cpu_has_fast_bfloat16
 from mvit.train.config import validate_config
 
 needs_int8_kernels = pytest.mark.skipif(

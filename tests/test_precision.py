@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mvit.nn import precision
+from mvit.runtime import precision
 
 CPUINFO = Path("/proc/cpuinfo")
 

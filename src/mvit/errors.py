@@ -49,5 +49,5 @@ class TrainingDiverged(MvitError):
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where a command cleans up as on Ctrl-C (`mvit.files`). Under
+    """SIGTERM, raised where a command cleans up as on Ctrl-C (`mvit.runtime.files`). Under
     torchrun it is torchrun stopping the other processes because one failed: that one says why."""

@@ -13,7 +13,7 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-from mvit.files import written_aside
+from mvit.runtime.files import written_aside
 
 if TYPE_CHECKING:  # pragma: no cover - both modules import this one to draw their figures
     from mvit.infer.attention import AttentionMaps
@@ -237,7 +237,7 @@ def plot_training_curves(history: list[dict], path: Path, metric: str = "balance
 
 
 def _save_aside(fig: Figure, path: Path) -> None:
-    """`fig` as a PNG at `path`, whole or not at all (`mvit.files.written_aside`): a failed or
+    """`fig` as a PNG at `path`, whole or not at all (`mvit.runtime.files.written_aside`): a failed or
     interrupted write leaves the previous file whole and no partial behind."""
     with written_aside(path) as partial:
         fig.savefig(partial, dpi=100, format="png")

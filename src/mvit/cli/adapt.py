@@ -37,7 +37,7 @@ def adapt_command(
     device: str = device_option(),
 ) -> None:
     """Fit a site's own version of the heads from its labelled images; keep it only where cross-validation shows it better."""
-    from mvit.files import written_aside
+    from mvit.runtime.files import written_aside
     from mvit.infer import model_file as model_files
     from mvit.registry.labels_file import read_labels_file
     from mvit.registry.specs import NAME_PATTERN

@@ -92,8 +92,8 @@ EXIT_INTERRUPTED = 130
 def main() -> None:
     """Run the command line; see the module's docstring for what becomes one sentence. Under
     torchrun, a process that failed after joining the process group ends here without interpreter
-    teardown (`mvit.data.distributed.end_process`), its sentence said and its files closed."""
-    from mvit.data.distributed import end_process, exit_status, group_joined, quiet_unless_rank_zero
+    teardown (`mvit.runtime.distributed.end_process`), its sentence said and its files closed."""
+    from mvit.runtime.distributed import end_process, exit_status, group_joined, quiet_unless_rank_zero
 
     quiet_unless_rank_zero()  # under torchrun a run speaks once, usage errors included
     try:
@@ -110,7 +110,7 @@ def main() -> None:
 
 def _run() -> None:
     """The command, and the one sentence and exit status for what it raised (see `main`)."""
-    from mvit.data.distributed import PeerStopped, group_joined
+    from mvit.runtime.distributed import PeerStopped, group_joined
 
     try:
         code = app(standalone_mode=False)  # standalone mode would print click's own "Aborted!" for some errors
@@ -159,8 +159,8 @@ def _run() -> None:
 
 def _failed(sentence: str) -> None:
     """`error: SENTENCE`; under torchrun, from the rank that failed and naming it, once the ranks
-    work on their own shares (`mvit.data.distributed.speaks_for_itself`)."""
-    from mvit.data.distributed import environment_world, speaks_for_itself
+    work on their own shares (`mvit.runtime.distributed.speaks_for_itself`)."""
+    from mvit.runtime.distributed import environment_world, speaks_for_itself
 
     stream = speaks_for_itself()
     if stream is None:
@@ -174,7 +174,7 @@ def _failed(sentence: str) -> None:
 
 
 def _rank() -> int:
-    from mvit.data.distributed import environment_rank
+    from mvit.runtime.distributed import environment_rank
 
     return environment_rank()
 

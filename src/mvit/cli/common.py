@@ -14,7 +14,7 @@ from typing import Optional
 import typer
 
 from mvit.errors import MvitError
-from mvit.nn.precision import PRECISIONS
+from mvit.runtime.precision import PRECISIONS
 
 PrecisionChoice = Enum("PrecisionChoice", {name: name for name in PRECISIONS}, type=str)
 
@@ -44,7 +44,7 @@ def load_model(model_file: Optional[Path], device: str, site: Optional[str] = No
     import torch
 
     from mvit.infer import model_file as model_files
-    from mvit.nn.precision import resolve_device
+    from mvit.runtime.precision import resolve_device
 
     try:
         chosen = resolve_device(device)

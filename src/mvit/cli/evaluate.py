@@ -27,7 +27,7 @@ def evaluate_command(
     site: Optional[str] = site_option(),
 ) -> None:
     """Evaluate one head on a split of its dataset, or of any dataset whose labels match its classes; write the report."""
-    from mvit.data.distributed import Processes, local_device, quiet_unless_rank_zero
+    from mvit.runtime.distributed import Processes, local_device, quiet_unless_rank_zero
     from mvit.evaluate.report import ALL_IMAGES, evaluate_head, leak_sentence, split_settings
     from mvit.registry import manager
 
@@ -101,7 +101,7 @@ def calibrate_command(
     cache: Optional[Path] = typer.Option(None, "--cache", help="HDF5 feature cache to keep the features in, so calibrating again (another --method or --accept) skips the backbone"),
 ) -> None:
     """Fit an out-of-distribution gate onto a trained model, without retraining: training images make the reference, the validation split sets the threshold."""
-    from mvit.files import written_aside
+    from mvit.runtime.files import written_aside
     from mvit.evaluate.gate import calibration_paths, fit_gate
     from mvit.infer import model_file as model_files
     from mvit.infer.ood import check_options, resolve_layer

@@ -31,7 +31,7 @@ def predict_command(
     site: Optional[str] = site_option(),
 ) -> None:
     """Predict images with one or more heads. Files that cannot be read are reported, the rest predicted; exit 1 when any failed."""
-    from mvit.data.distributed import Processes, local_device, quiet_unless_rank_zero
+    from mvit.runtime.distributed import Processes, local_device, quiet_unless_rank_zero
 
     quiet_unless_rank_zero()  # under torchrun rank 0 alone prints and writes
     output = _format_of(output, output_file)
@@ -57,7 +57,7 @@ def _predict_share(model, files: list, shown: list[str], names: list[str], proce
     order; how many files failed, on every rank."""
     from mvit.data.dataset import loader_workers
     from mvit.infer.predict import predict_stream
-    from mvit.progress import progress_bar
+    from mvit.runtime.progress import progress_bar
 
     device = model.device
     mine = processes.shard(len(files), batch_size)  # every input without torchrun; under it, whole batches
@@ -153,7 +153,7 @@ def _find_images(arguments: list[str]) -> tuple[list, list[str]]:
     """The images the arguments name (image files, the files of folders and globs, and `-` or
     /dev/stdin for one image read from standard input), each with its name for the output; or one
     sentence saying there are none."""
-    from mvit.data.distributed import environment_world
+    from mvit.runtime.distributed import environment_world
     from mvit.data.images import EncodedImage, find_image_files
 
     items: list = []
@@ -206,7 +206,7 @@ def _format_of(output: OutputFormat, output_file: Optional[Path]) -> OutputForma
 def _open_for_writing(path: Path) -> tuple[contextlib.ExitStack, object]:
     """The file to write the predictions to, beside `path`, and the context whose end closes it and
     renames it into place (or removes it, when the command fails or is interrupted)."""
-    from mvit.files import written_aside
+    from mvit.runtime.files import written_aside
 
     with contextlib.ExitStack() as stack:
         try:

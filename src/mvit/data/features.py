@@ -36,9 +36,9 @@ import numpy as np
 import torch
 
 from mvit.data.dataset import BadImages, image_loader
-from mvit.data.distributed import Processes
+from mvit.runtime.distributed import Processes
 from mvit.errors import DiskFull, MvitError
-from mvit.nn.precision import autocast
+from mvit.runtime.precision import autocast
 from mvit.data.transforms import Preprocessing, eval_transform
 from mvit.nn.vit import VisionTransformer
 from mvit.registry.leakage import content_hash

@@ -29,7 +29,7 @@ from mvit.infer.ood import (
     resolve_layer,
 )
 from mvit.infer.predict import image_batches
-from mvit.nn.precision import autocast, autocast_dtype
+from mvit.runtime.precision import autocast, autocast_dtype
 from mvit.registry import leakage, manager, splits
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from mvit.data.dataset import loader_workers
-from mvit.data.distributed import Processes
+from mvit.runtime.distributed import Processes
 from mvit.errors import MvitError
 from mvit.evaluate.evaluation_set import ALL_IMAGES, count_phrase, evaluation_set, split_settings
 from mvit.evaluate.metrics import classification_metrics, expected_calibration_error, positive_index, reliability_bins

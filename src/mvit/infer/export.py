@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Iterable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from mvit.files import written_aside
+from mvit.runtime.files import written_aside
 from mvit.errors import MvitError
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -27,7 +27,7 @@ from mvit.infer.ood import GateInfo, OODGate
 from mvit.data.transforms import Preprocessing
 from mvit.nn.vit import VisionTransformer, ViTConfig
 from mvit.errors import ModelFileError
-from mvit.files import written_aside
+from mvit.runtime.files import written_aside
 from mvit.infer.model_opener import read as read_model_file
 from mvit.infer.reference import TENSOR_PREFIX as REFERENCE_PREFIX
 from mvit.infer.reference import ReferenceFeatures, ReferenceInfo

@@ -25,7 +25,7 @@ from mvit.data.transforms import eval_transform
 from mvit.errors import ConfigError, ImageError, MvitError
 from mvit.infer.prediction import UNKNOWN, ImageResult, Prediction, calibrated, decide, thresholds_for
 from mvit.infer.quantize import int8_backbone
-from mvit.nn.precision import Precision, autocast, autocast_dtype
+from mvit.runtime.precision import Precision, autocast, autocast_dtype
 
 if TYPE_CHECKING:  # pragma: no cover - Model.predict calls this module
     from mvit.infer.model import Model

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from mvit.errors import ConfigError
-from mvit.nn.precision import check_int8_device
+from mvit.runtime.precision import check_int8_device
 
 if TYPE_CHECKING:  # pragma: no cover
     from mvit.infer.model import Model

@@ -275,7 +275,7 @@ def app_from_environment() -> FastAPI:
     import torch
 
     from mvit.infer import model_file
-    from mvit.nn.precision import resolve_device
+    from mvit.runtime.precision import resolve_device
 
     settings = ServeSettings.model_validate(json.loads(os.environ[SETTINGS_ENV]))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // settings.workers))  # the workers share the cores

@@ -27,7 +27,7 @@ from mvit.infer.model import Model
 from mvit.infer.predict import LogitsBatch, backbone_pass, batch_predictions, head_logits
 from mvit.infer.prediction import thresholds_for
 from mvit.infer.quantize import int8_backbone
-from mvit.nn.precision import autocast_dtype, check_int8_device
+from mvit.runtime.precision import autocast_dtype, check_int8_device
 from mvit.serve.batcher import Batcher, Overloaded
 from mvit.serve.settings import ServeSettings
 from mvit.serve.uploads import ApiError, Upload

@@ -10,7 +10,7 @@ from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from mvit.nn.precision import PRECISIONS
+from mvit.runtime.precision import PRECISIONS
 
 TOKEN_ENV = "MVIT_SERVE_TOKEN"  # the token, when not given as --token (which other users can see in `ps`)
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")

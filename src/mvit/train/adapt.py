@@ -40,7 +40,7 @@ from mvit.infer.ood import OODGate, fit_tensors
 from mvit.infer.prediction import calibrated
 from mvit.infer.sites import Site, SiteInfo
 from mvit.nn.heads import ClassifierHead, HeadInfo
-from mvit.nn.precision import autocast_dtype
+from mvit.runtime.precision import autocast_dtype
 from mvit.registry import diagnoses, manager
 from mvit.registry.specs import Sample
 from mvit.registry.words import count

@@ -15,7 +15,7 @@ from mvit.data.sampling import balanced_batches, batches_per_dataset, interleave
 from mvit.data.transforms import Preprocessing, train_transform
 from mvit.infer.model import Model
 from mvit.train.config import TrainConfig
-from mvit.data.distributed import Processes
+from mvit.runtime.distributed import Processes
 from mvit.train.tasks import TRAIN, Task
 
 

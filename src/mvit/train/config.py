@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from mvit.infer import model_file, ood
 from mvit.data.transforms import Augmentation, Preprocessing
 from mvit.errors import ConfigError, MvitError
-from mvit.nn.precision import TrainingPrecision, device_problem
+from mvit.runtime.precision import TrainingPrecision, device_problem
 
 
 BUNDLED = "bundled"  # backbone.init: the model file that comes with mvit (mvit.load())

@@ -1,13 +1,13 @@
 """Several processes under torchrun, for training: the DistributedDataParallel wrapping of a training
 step (one process: no wrapping). Which process this is and the process group (`Processes`) live in
-`mvit.data.distributed`, shared with prediction and evaluation."""
+`mvit.runtime.distributed`, shared with prediction and evaluation."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
-from mvit.data.distributed import Processes
+from mvit.runtime.distributed import Processes
 from mvit.infer.model import Model
 
 class StepModule(nn.Module):

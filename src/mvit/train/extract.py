@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from mvit.data.dataset import BadImages
-from mvit.data.distributed import Processes, environment_local_rank
+from mvit.runtime.distributed import Processes, environment_local_rank
 from mvit.data.features import FeatureCache
-from mvit.nn.precision import autocast_dtype, resolve_device
-from mvit.progress import progress_bar
+from mvit.runtime.precision import autocast_dtype, resolve_device
+from mvit.runtime.progress import progress_bar
 from mvit.train.batches import decoding_workers
 from mvit.train.config import TrainConfig
 from mvit.train.model_setup import build_model

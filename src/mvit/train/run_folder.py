@@ -24,7 +24,7 @@ from typing import Iterator
 import torch
 
 from mvit.errors import ConfigError, DiskFull, ModelFileError, MvitError
-from mvit.files import written_aside
+from mvit.runtime.files import written_aside
 from mvit.infer import model_file
 from mvit.infer.model import Model
 from mvit.registry.leakage import TrainingImages, recorded_training_images
@@ -173,7 +173,7 @@ class RunFolder:
     @contextlib.contextmanager
     def writing(self, path: Path, what: str) -> Iterator[None]:
         """A write that fails (disk full, read-only, a file where a folder should be) is one sentence.
-        Every file of the folder is written aside (`mvit.files.written_aside`), so none is left
+        Every file of the folder is written aside (`mvit.runtime.files.written_aside`), so none is left
         half-written and the files already written stay as they were."""
         try:
             yield

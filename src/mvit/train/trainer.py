@@ -34,15 +34,15 @@ from mvit.data.transforms import eval_transform
 from mvit.errors import ConfigError, TrainingDiverged
 from mvit.infer import model_file
 from mvit.registry.leakage import recorded_training_images
-from mvit.nn.precision import autocast, autocast_dtype, resolve_device
-from mvit.progress import progress_bar
+from mvit.runtime.precision import autocast, autocast_dtype, resolve_device
+from mvit.runtime.progress import progress_bar
 from mvit.train.averaging import averaged_weights, make_ema
 from mvit.train.batches import SplitFeatures, decoding_workers, epoch_steps, decoded_batches, training_batches
 from mvit.train import closed_form
 from mvit.train.final_calibration import calibrate_heads, run_gate
 from mvit.train.config import BUNDLED, TrainConfig
-from mvit.data.distributed import environment_local_rank, environment_rank
-from mvit.data.distributed import Processes
+from mvit.runtime.distributed import environment_local_rank, environment_rank
+from mvit.runtime.distributed import Processes
 from mvit.train.ddp import step_module
 from mvit.train.epoch_metrics import HeadStats, epoch_line, epoch_record
 from mvit.train.model_setup import build_model

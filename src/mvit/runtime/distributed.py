@@ -94,7 +94,7 @@ def local_device(name: str) -> str:
     rank), not every process's first one; otherwise `name` as given."""
     if name != "auto" or environment_world() == 1:
         return name
-    from mvit.nn.precision import resolve_device
+    from mvit.runtime.precision import resolve_device
 
     return str(resolve_device(name, environment_local_rank()))
 
