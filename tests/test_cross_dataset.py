@@ -17,6 +17,7 @@ from sklearn import metrics as sk
 from clirun import call_mvit
 from datasets_factory import make_dermmel, make_ham10000, make_ph2, write_image
 from inference_models import plugin_heads_model, saved_model
+from mvit.runtime.options import RunOptions
 from mvit.evaluate.evaluation_set import evaluation_set
 from mvit.evaluate.report import evaluate_head
 from mvit.errors import ConfigError
@@ -136,7 +137,7 @@ def test_a_dataset_without_declarations_is_refused_in_one_sentence_and_keeps_its
 def test_a_melanoma_head_on_every_ph2_image_writes_the_full_report(tmp_path):
     root = make_ph2(tmp_path / "ph2")
     out = tmp_path / "out"
-    m = evaluate_head(model_with("ham10000-mel"), "ham10000-mel", root, out, dataset="ph2", split="all", workers=0)
+    m = evaluate_head(model_with("ham10000-mel"), "ham10000-mel", root, out, dataset="ph2", split="all", run=RunOptions(workers=0))
     assert sorted(p.name for p in out.iterdir()) == REPORT
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(m))
     assert (m["head"], m["dataset"], m["head_dataset"], m["split"], m["split_settings"]) == ("ham10000-mel", "ph2", "ham10000", "all", None)
@@ -154,11 +155,11 @@ def test_a_named_split_of_another_dataset_uses_the_settings_the_model_recorded_f
     root = make_ph2(tmp_path / "ph2")
     model = model_with()
     default = evaluation_set("dermmel", "ph2", root, "test", {"seed": 0})
-    m = evaluate_head(model, "dermmel", root, tmp_path / "plain", dataset="ph2", workers=0)
+    m = evaluate_head(model, "dermmel", root, tmp_path / "plain", dataset="ph2", run=RunOptions(workers=0))
     assert m["split_settings"] == {"seed": 0, "fold": None, "folds": 5, "fractions": None}
     assert sorted(r["image"] for r in report_rows(tmp_path / "plain")) == sorted(str(s.path) for s, _ in default.items)
     model.provenance = {"splits": {"ph2": {"seed": 3, "fold": None, "folds": 5}}}
-    m = evaluate_head(model, "dermmel", root, tmp_path / "recorded", dataset="ph2", workers=0)
+    m = evaluate_head(model, "dermmel", root, tmp_path / "recorded", dataset="ph2", run=RunOptions(workers=0))
     expected = sorted(str(s.path) for s in samples_for("ph2", root, "test", seed=3))
     assert expected != sorted(str(s.path) for s, _ in default.items)  # else this test could not tell them apart
     assert m["split_settings"]["seed"] == 3 and sorted(r["image"] for r in report_rows(tmp_path / "recorded")) == expected
@@ -168,7 +169,7 @@ def test_a_named_split_of_another_dataset_uses_the_settings_the_model_recorded_f
 
 def test_images_without_a_counterpart_are_left_out_counted_and_empty_classes_named(tmp_path):
     root = make_ham10000(tmp_path / "ham")  # 12 images of each of the seven diagnoses
-    m = evaluate_head(model_with("ph2"), "ph2", root, tmp_path / "out", dataset="ham10000", split="all", workers=0)
+    m = evaluate_head(model_with("ph2"), "ph2", root, tmp_path / "out", dataset="ham10000", split="all", run=RunOptions(workers=0))
     assert m["n"] == 12 and {r["true"] for r in report_rows(tmp_path / "out")} == {"melanoma"}
     assert m["left_out"] == {label: 12 for label in HAM_LABELS if label != "mel"}
     assert m["classes_without_images"] == ["common_nevus", "atypical_nevus"] and m["roc_auc"] is None
@@ -184,7 +185,7 @@ def test_all_images_of_the_own_dataset_leave_out_augmented_copies_and_warn_of_tr
     root = make_dermmel(tmp_path / "data")  # 24 images and 2 augmented copies
     model = model_with()
     model.provenance = {"splits": {"dermmel": {"seed": 0, "fold": None, "folds": 5}}}
-    m = evaluate_head(model, "dermmel", root, tmp_path / "out", split="all", workers=0)
+    m = evaluate_head(model, "dermmel", root, tmp_path / "out", split="all", run=RunOptions(workers=0))
     assert m["dataset"] == m["head_dataset"] == "dermmel" and m["n"] == 24
     assert not any("AUG_" in r["image"] for r in report_rows(tmp_path / "out"))
     assert any("records training on dermmel, so all its images include images the model learned from" in n for n in m["notes"])

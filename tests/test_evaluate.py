@@ -10,6 +10,7 @@ from sklearn import metrics as sk
 
 from datasets_factory import make_dermmel, make_ham10000, truncate
 from inference_models import plugin_heads_model
+from mvit.runtime.options import RunOptions
 from mvit.evaluate.calibration import choose_threshold, fit_temperature
 from mvit.evaluate.evaluation_set import split_settings
 from mvit.evaluate.metrics import classification_metrics, expected_calibration_error
@@ -117,7 +118,7 @@ def test_report_files_agree_with_each_other(tmp_path):
     root = make_dermmel(tmp_path / "data")
     cut = next((root / "DermMel" / "test" / "Melanoma").iterdir())
     truncate(cut)  # one unreadable image is left out and listed, not fatal
-    m = evaluate_head(model, "dermmel", root, tmp_path / "out", workers=0)
+    m = evaluate_head(model, "dermmel", root, tmp_path / "out", run=RunOptions(workers=0))
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == [
         "confidence.png", "confusion_matrix.png", "metrics.json", "predictions.csv", "reliability.png", "roc.png"
@@ -140,7 +141,7 @@ def test_multiclass_report_uses_the_split_the_model_recorded(tmp_path):
     root = make_ham10000(tmp_path / "ham")
     model = plugin_heads_model()
     model.provenance = {"splits": {"ham10000": {"seed": 3, "fold": None, "folds": 5}}}  # as a loaded model file has it
-    m = evaluate_head(model, "ham10000", root, tmp_path / "out", workers=0)
+    m = evaluate_head(model, "ham10000", root, tmp_path / "out", run=RunOptions(workers=0))
     expected = samples_for("ham10000", root, "test", seed=3)
     rows = list(csv.DictReader((tmp_path / "out" / "predictions.csv").open()))
     assert sorted(r["image"] for r in rows) == sorted(str(s.path) for s in expected)

@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import mvit
+from mvit.runtime.options import RunOptions
 from mvit.errors import ModelFileError
 from mvit.evaluate.report import evaluate_head
 from mvit.infer import model_file
@@ -97,7 +98,7 @@ def test_evaluate_warns_about_training_images_and_counts_them(trained, dermmel_r
     assert "warning: 4 of the 14 images evaluated were training images of this model" in done.stderr
     assert any(note.startswith("4 of the 14 images") for note in metrics["notes"])
     # the held-out test split of the original folder holds none
-    clean = evaluate_head(mvit.load(best), "dermmel", dermmel_root, tmp_path / "clean", workers=0)
+    clean = evaluate_head(mvit.load(best), "dermmel", dermmel_root, tmp_path / "clean", run=RunOptions(workers=0))
     assert clean["leaked_training_images"] == 0 and not any("training images of this model" in n for n in clean["notes"])
 
 
@@ -126,7 +127,7 @@ def test_an_old_model_file_loads_and_evaluates_with_a_note(trained, dermmel_root
     old = strip_record(best, tmp_path / "old.safetensors")
     model = mvit.load(old)
     assert "training_images" not in model.provenance and model_file.read_training_images(old) is None
-    metrics = evaluate_head(model, "dermmel", dermmel_root, tmp_path / "report", workers=0)
+    metrics = evaluate_head(model, "dermmel", dermmel_root, tmp_path / "report", run=RunOptions(workers=0))
     assert metrics["leaked_training_images"] is None
     assert any("does not record its training images" in note for note in metrics["notes"])
 

@@ -17,10 +17,11 @@ from clirun import call_mvit
 from conftest import tiny_model
 from datasets_factory import ham_rows, make_ham10000
 from inference_models import plugin_heads_model, saved_model
+from mvit.runtime.options import RunOptions
 from mvit.infer import model_file
 from mvit.infer.model_file import read_metadata
 from mvit.evaluate.gate import calibration_paths, fit_gate, pooled_features
-from mvit.infer.ood import METHODS, fit_gate_on_features
+from mvit.infer.ood import METHODS, GateRecipe, fit_gate_on_features
 from mvit.infer.predict import UNKNOWN
 from mvit.errors import ConfigError, ModelFileError
 from mvit.registry.splits import samples_for
@@ -63,7 +64,7 @@ def gated_models():
     for method in METHODS:
         for layer, name in (("middle", method), ("pooled", f"{method} pooled")):
             model = plugin_heads_model()
-            model.ood_gate = fit_gate(model, lesions("train", 150), lesions("valid", 100), method=method, layer=layer, datasets=["toy"])
+            model.ood_gate = fit_gate(model, lesions("train", 150), lesions("valid", 100), GateRecipe(method=method, layer=layer), datasets=["toy"])
             models[name] = model
     assert models["knn"].ood_gate.info.layer == 1 and models["knn pooled"].ood_gate.info.layer is None
     return models
@@ -419,7 +420,7 @@ def test_evaluate_reports_the_accepted_fraction_and_the_metrics_on_accepted_imag
     # without a gate the report has no such entry
     from mvit.evaluate.report import evaluate_head
 
-    assert "ood" not in evaluate_head(plugin_heads_model(), "dermmel", root, tmp_path / "plain", workers=0)
+    assert "ood" not in evaluate_head(plugin_heads_model(), "dermmel", root, tmp_path / "plain", run=RunOptions(workers=0))
     assert "ood_score" not in (tmp_path / "plain" / "predictions.csv").read_text().splitlines()[0]
 
 
@@ -431,8 +432,8 @@ def test_fitting_through_the_feature_cache_gives_the_same_gate_and_reuses_the_fe
             into.append(tmp_path / f"{name}{i}.png")
             lesion(f"{name}{i}").save(into[-1])
     for layer in ("pooled", "middle"):  # both kinds of feature in one cache file, under keys of their own
-        direct = fit_gate(model, train, valid, method="knn", layer=layer)
-        cached = fit_gate(model, train, valid, method="knn", layer=layer, cache=tmp_path / "features.h5")
+        direct = fit_gate(model, train, valid, GateRecipe(method="knn", layer=layer))
+        cached = fit_gate(model, train, valid, GateRecipe(method="knn", layer=layer), cache=tmp_path / "features.h5")
         assert cached.info == direct.info.model_copy(update={"threshold": cached.threshold})
         assert cached.threshold == pytest.approx(direct.threshold, abs=1e-6)
         assert torch.allclose(cached.tensors["bank"], direct.tensors["bank"], atol=1e-3)  # float16 rounding of equal features
@@ -441,5 +442,5 @@ def test_fitting_through_the_feature_cache_gives_the_same_gate_and_reuses_the_fe
         raise AssertionError("the backbone ran although every feature is cached")
 
     monkeypatch.setattr(model.backbone, "forward", no_backbone)
-    again = fit_gate(model, train, valid, method="mahalanobis", accept=0.9, cache=tmp_path / "features.h5")
+    again = fit_gate(model, train, valid, GateRecipe(method="mahalanobis", accept=0.9), cache=tmp_path / "features.h5")
     assert again.method == "mahalanobis" and again.info.train_images == 30

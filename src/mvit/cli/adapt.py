@@ -38,6 +38,7 @@ def adapt_command(
 ) -> None:
     """Fit a site's own version of the heads from its labelled images; keep it only where cross-validation shows it better."""
     from mvit.runtime.files import written_aside
+    from mvit.runtime.options import RunOptions
     from mvit.infer import model_file as model_files
     from mvit.registry.labels_file import read_labels_file
     from mvit.registry.specs import NAME_PATTERN
@@ -53,7 +54,7 @@ def adapt_command(
     replaced = site in model.sites
     options = AdaptOptions(heads=heads, site_weight=site_weight, target_sensitivity=sensitivity, folds=folds,
                            include_flagged=include_flagged)
-    result = adapt(model, site, samples, options, cache=cache, labels=str(labels), precision=precision.value, say=say)
+    result = adapt(model, site, samples, options, cache=cache, labels=str(labels), run=RunOptions(precision=precision.value, say=say))
     for note in result.notes:
         say(f"note: {note}")
     report = {"site": site, "images": result.images, "heads": {r.name: r.report for r in result.results}}

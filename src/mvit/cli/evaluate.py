@@ -28,6 +28,7 @@ def evaluate_command(
 ) -> None:
     """Evaluate one head on a split of its dataset, or of any dataset whose labels match its classes; write the report."""
     from mvit.runtime.distributed import Processes, local_device, quiet_unless_rank_zero
+    from mvit.runtime.options import RunOptions
     from mvit.evaluate.report import ALL_IMAGES, evaluate_head, leak_sentence, split_settings
     from mvit.registry import manager
 
@@ -48,10 +49,8 @@ def evaluate_command(
             raise MvitError(f"the model held out {held} of {dataset}, so fold {fold} holds training images; leave out --fold")
         settings["fold"] = fold
     with processes:  # a clean run leaves the process group here, after the last exchange (see Processes.close)
-        metrics = evaluate_head(
-            model, head, root, out, dataset=dataset, split=split, splits=settings, precision=precision.value, batch_size=batch_size,
-            processes=processes,
-        )
+        metrics = evaluate_head(model, head, root, out, dataset=dataset, split=split, splits=settings,
+                                run=RunOptions(precision.value, batch_size, processes=processes))
     if not processes.main:  # its share of the images is in rank 0's report
         return
     for message in metrics["unreadable"]:
@@ -104,7 +103,8 @@ def calibrate_command(
     from mvit.runtime.files import written_aside
     from mvit.evaluate.gate import calibration_paths, fit_gate
     from mvit.infer import model_file as model_files
-    from mvit.infer.ood import check_options, resolve_layer
+    from mvit.infer.ood import GateRecipe, check_options, resolve_layer
+    from mvit.runtime.options import RunOptions
 
     check_options(method.value, accept, k)
     check_writable(output_file, "--output", folder=False)
@@ -118,8 +118,8 @@ def calibrate_command(
     train_paths, valid_paths = calibration_paths(model, dict(zip(datasets, roots)))
     if model.ood_gate is not None:
         say(f"replacing the model's {model.ood_gate.method} gate")
-    gate = fit_gate(model, train_paths, valid_paths, method=method.value, accept=accept, k=k, layer=block, datasets=datasets,
-                    precision=precision.value, batch_size=batch_size, workers=workers, cache=cache, say=say)
+    gate = fit_gate(model, train_paths, valid_paths, GateRecipe(method.value, accept, k, block), datasets=datasets, cache=cache,
+                    run=RunOptions(precision.value, batch_size, workers, say))
     model.ood_gate = gate
     with written_aside(output_file) as partial:  # an interrupted save leaves no temporary file, and the input whole
         model_files.save(model, partial, half=model_files.stored_as_half(source))  # as small as the input was

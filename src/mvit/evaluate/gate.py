@@ -8,7 +8,7 @@ validation images, split exactly as the model was trained (the settings its file
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Mapping, Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -18,10 +18,7 @@ from mvit.data.features import FeatureCache
 from mvit.errors import ConfigError
 from mvit.evaluate.evaluation_set import split_settings
 from mvit.infer.ood import (
-    DEFAULT_ACCEPT,
-    DEFAULT_K,
-    DEFAULT_LAYER,
-    DEFAULT_METHOD,
+    GateRecipe,
     OODGate,
     backbone_pass,
     check_options,
@@ -29,6 +26,7 @@ from mvit.infer.ood import (
     resolve_layer,
 )
 from mvit.infer.predict import image_batches
+from mvit.runtime.options import RunOptions
 from mvit.runtime.precision import autocast, autocast_dtype
 from mvit.registry import leakage, manager, splits
 
@@ -66,46 +64,39 @@ def fit_gate(
     model,
     train_paths: Sequence[Union[str, Path]],
     valid_paths: Sequence[Union[str, Path]],
+    recipe: GateRecipe = GateRecipe(),
     *,
-    method: str = DEFAULT_METHOD,
-    accept: float = DEFAULT_ACCEPT,
-    k: int = DEFAULT_K,
-    layer: Union[None, int, str] = DEFAULT_LAYER,
     datasets: Sequence[str] = (),
-    precision: str = "auto",
-    batch_size: int = 32,
-    workers: Optional[int] = None,
     cache: Union[None, str, Path] = None,
-    say: Callable[[str], None] = lambda message: None,
+    run: RunOptions = RunOptions(),
 ) -> OODGate:
     """Fit a gate for `model` on its training images and choose its threshold on validation images.
 
     Does not attach it: `model.ood_gate = fit_gate(...)`, then `model_file.save(model, ...)`.
-    layer: "middle" (the block halfway up), "pooled" / None (the heads' feature) or a block number.
-    Images (paths, PIL images, arrays) are read as `predict` reads them; unreadable ones are left out
-    and reported through `say`. cache: an HDF5 feature cache (`features.FeatureCache`, paths only)
-    that keeps the features, so fitting again (another method or `accept`) costs no backbone pass.
+    recipe.layer: "middle" (the block halfway up), "pooled" / None (the heads' feature) or a block
+    number. Images (paths, PIL images, arrays) are read as `predict` reads them; unreadable ones are
+    left out and reported through `run.say`. cache: an HDF5 feature cache (`features.FeatureCache`,
+    paths only) that keeps the features, so fitting again (another method or `accept`) costs no
+    backbone pass.
     """
-    check_options(method, accept, k)
-    if precision == "int8":  # the gate's reference features are the exact ones; int8 is for prediction
+    check_options(recipe.method, recipe.accept, recipe.k)
+    if run.precision == "int8":  # the gate's reference features are the exact ones; int8 is for prediction
         raise ConfigError("the gate is fitted in fp32 or bf16, not int8; use --precision auto, fp32 or bf16 to fit it "
                           "(a model with a gate still predicts with --precision int8)")
-    layer = resolve_layer(model.backbone, layer)
+    layer = resolve_layer(model.backbone, recipe.layer)
     features = {}
     for split, items in (("training", train_paths), ("validation", valid_paths)):
-        say(f"backbone features of {len(items)} {split} images")
+        run.say(f"backbone features of {len(items)} {split} images")
         if cache is None:
             features[split], _, errors = pooled_features(
-                model, list(items), layer=layer, precision=precision, batch_size=batch_size, workers=workers
+                model, list(items), layer=layer, precision=run.precision, batch_size=run.batch_size, workers=run.workers
             )
             for message in errors.values():
-                say(f"warning: left out: {message}")
+                run.say(f"warning: left out: {message}")
         else:
-            features[split] = gate_features(model, [Path(item) for item in items], layer, cache, precision, workers, say,
-                                            batch_size=batch_size)
-    return fit_gate_on_features(
-        features["training"], features["validation"], method=method, accept=accept, k=k, datasets=datasets, layer=layer
-    )
+            features[split] = gate_features(model, [Path(item) for item in items], layer, cache, run)
+    return fit_gate_on_features(features["training"], features["validation"], method=recipe.method, accept=recipe.accept,
+                                k=recipe.k, datasets=datasets, layer=layer)
 
 
 class _Tapped(torch.nn.Module):
@@ -122,16 +113,15 @@ class _Tapped(torch.nn.Module):
         return self.backbone.forward_with_tap(images, int(self.layer))[1]
 
 
-def gate_features(model, paths: list[Path], layer: Optional[int], cache, precision: str, workers: Optional[int], say,
-                  *, batch_size: int = 32) -> Tensor:
+def gate_features(model, paths: list[Path], layer: Optional[int], cache, run: RunOptions = RunOptions()) -> Tensor:
     """The features (N, D) a gate reads (`layer`: None pooled, N the mean patch token after block N)
     of `paths`, through the HDF5 cache, which computes only those it lacks."""
     device = model.device
-    workers = loader_workers(len(paths), batch_size, device) if workers is None else workers
+    workers = loader_workers(len(paths), run.batch_size, device) if run.workers is None else run.workers
     backbone = model.backbone if layer is None else _Tapped(model.backbone, layer)
-    return FeatureCache(Path(cache), warn=say).load(
-        backbone, model.preprocessing, paths, device=device, dtype=autocast_dtype(precision, device),
-        batch_size=batch_size, workers=workers,
+    return FeatureCache(Path(cache), warn=run.say).load(
+        backbone, model.preprocessing, paths, device=device, dtype=autocast_dtype(run.precision, device),
+        batch_size=run.batch_size, workers=workers,
     ).float()
 
 

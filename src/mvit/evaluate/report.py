@@ -13,6 +13,7 @@ import torch
 
 from mvit.data.dataset import loader_workers
 from mvit.runtime.distributed import Processes
+from mvit.runtime.options import RunOptions
 from mvit.errors import MvitError
 from mvit.evaluate.evaluation_set import ALL_IMAGES, count_phrase, evaluation_set, split_settings
 from mvit.evaluate.metrics import classification_metrics, expected_calibration_error, positive_index, reliability_bins
@@ -78,10 +79,7 @@ def evaluate_head(
     dataset: Optional[str] = None,
     split: str = "test",
     splits: Optional[dict[str, Any]] = None,
-    precision: str = "auto",
-    batch_size: int = 32,
-    workers: Optional[int] = None,
-    processes: Optional[Processes] = None,
+    run: RunOptions = RunOptions(),
 ) -> dict[str, Any]:
     """Run `head` over one split (`all`: every image) of a dataset at `root`; write the report to `out`.
 
@@ -95,9 +93,10 @@ def evaluate_head(
     sentence for each thing a reader should know (labels left out, classes without images, images
     the model may have trained on). "leaked_training_images" counts the evaluated images that the
     model file records as its training images (same bytes or ISIC id), listed in
-    "leaked_training_image_paths"; None for a model file without that record. workers: decoding processes (default: by image count and CPUs).
-    processes: under torchrun, every process computes the logits of its share of the images and rank
-    0 alone writes the report (the same as one process writes); the metrics are returned on every rank.
+    "leaked_training_image_paths"; None for a model file without that record. run: precision, batch
+    size, decoding processes (default: by image count and CPUs) and, under torchrun, the processes:
+    every process computes the logits of its share of the images and rank 0 alone writes the report
+    (the same as one process writes); the metrics are returned on every rank.
     """
     from mvit.registry import manager
 
@@ -114,14 +113,14 @@ def evaluate_head(
     chosen = evaluation_set(head, dataset, root, split, splits)
     items = chosen.items
     paths = [sample.path for sample, _ in items]
-    processes = processes or Processes()
+    processes = run.processes or Processes()
+    batch_size = run.batch_size
     mine = processes.shard(len(paths), batch_size)  # every image in one process; under torchrun, whole batches
-    if workers is None:
-        workers = loader_workers(len(mine), batch_size, model.device, processes.local_world)
+    workers = loader_workers(len(mine), batch_size, model.device, processes.local_world) if run.workers is None else run.workers
 
     found = []  # (input positions, logits (b, K), gate scores (b,) or None) per batch, and unreadable (position, sentence)
     errors: list[tuple[int, str]] = []
-    for batch in logits_stream(model, [paths[i] for i in mine], [head], precision=precision, batch_size=batch_size, workers=workers):
+    for batch in logits_stream(model, [paths[i] for i in mine], [head], precision=run.precision, batch_size=batch_size, workers=workers):
         errors += [(mine[index], batch.errors[index]) for index in sorted(batch.errors)]
         if batch.indices:
             found.append(([mine[index] for index in batch.indices], batch.logits[head], batch.ood_scores))

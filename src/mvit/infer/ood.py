@@ -25,6 +25,7 @@ needs the datasets and the splits the model was trained on) is `mvit.evaluate.ga
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal, Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -41,6 +42,18 @@ DEFAULT_METHOD = "mahalanobis"
 DEFAULT_LAYER = "middle"  # the block halfway up the backbone; "pooled" (None) is the heads' feature
 DEFAULT_K = 10
 DEFAULT_ACCEPT = 0.95
+
+
+@dataclass(frozen=True)
+class GateRecipe:
+    """How a gate is fitted (`mvit.evaluate.gate.fit_gate`): its scoring method, the share of
+    in-distribution validation images it accepts, k for knn, and the backbone feature it reads
+    ("middle", "pooled" / None, or a block number)."""
+
+    method: str = DEFAULT_METHOD
+    accept: float = DEFAULT_ACCEPT
+    k: int = DEFAULT_K
+    layer: Union[None, int, str] = DEFAULT_LAYER
 TENSOR_PREFIX = "ood."
 _TENSORS = {"knn": ("bank",), "mahalanobis": ("mean", "precision")}
 _CHUNK = 1024  # feature rows scored at once: keeps the (rows, bank) similarity matrix small

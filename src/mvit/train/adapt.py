@@ -40,6 +40,7 @@ from mvit.infer.ood import OODGate, fit_tensors
 from mvit.infer.prediction import calibrated
 from mvit.infer.sites import Site, SiteInfo
 from mvit.nn.heads import ClassifierHead, HeadInfo
+from mvit.runtime.options import RunOptions
 from mvit.runtime.precision import autocast_dtype
 from mvit.registry import diagnoses, manager
 from mvit.registry.specs import Sample
@@ -84,22 +85,22 @@ class Adaptation:
 
 
 def adapt(model: Model, site: str, samples: Sequence[Sample], options: AdaptOptions, *, cache: Path, labels: str = "",
-          precision: str = "auto", workers: Optional[int] = None, say: Callable[[str], None] = lambda m: None) -> Adaptation:
+          run: RunOptions = RunOptions()) -> Adaptation:
     """Fit site `site` from labelled `samples`; `model.sites[site]` is set when any head is better."""
     if options.site_weight <= 0 or not math.isfinite(options.site_weight):
         raise ConfigError(f"--site-weight must be a positive number, got {options.site_weight}")
     targets = site_targets(model, samples, options.heads)
     paths = [sample.path for sample in samples]
     device = model.device
-    dtype = autocast_dtype(precision, device)
-    workers = loader_workers(len(paths), 32, device) if workers is None else workers
-    features_cache = FeatureCache(cache, warn=say, bad_images=BadImages("stop"))
+    dtype = autocast_dtype(run.precision, device)
+    workers = loader_workers(len(paths), run.batch_size, device) if run.workers is None else run.workers
+    features_cache = FeatureCache(cache, warn=run.say, bad_images=BadImages("stop"))
     features_cache.prepare()
-    say(f"backbone features of {count(len(paths), 'image')}")
+    run.say(f"backbone features of {count(len(paths), 'image')}")
     features = features_cache.load(model.backbone, model.preprocessing, paths, device=device, dtype=dtype, workers=workers)
     looked_at = None  # the gate's feature of each image (n, D), where the model has a gate
     if model.ood_gate is not None:
-        looked_at = gate_features(model, paths, model.ood_gate.info.layer, cache, precision, workers, say)
+        looked_at = gate_features(model, paths, model.ood_gate.info.layer, cache, run)
         if not options.include_flagged:
             _check_flagged(model.ood_gate, looked_at, paths)
     result = Adaptation(site, len(samples))

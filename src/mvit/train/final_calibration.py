@@ -14,7 +14,8 @@ from mvit.evaluate.calibration import choose_threshold, fit_temperature
 from mvit.evaluate.gate import fit_gate
 from mvit.evaluate.metrics import classification_metrics
 from mvit.infer.model import Model
-from mvit.infer.ood import OODGate
+from mvit.infer.ood import GateRecipe, OODGate
+from mvit.runtime.options import RunOptions
 from mvit.errors import ConfigError
 from mvit.train.config import CalibrationConfig, TrainConfig
 from mvit.train.tasks import TRAIN, VALID, Task
@@ -75,9 +76,9 @@ def _fit_gate(model: Model, tasks: list[Task], config: TrainConfig, *, cache: Pa
     g = config.calibration.ood_gate
     paths = {role: list(dict.fromkeys(s.path for task in tasks for s in task.samples(role) if str(s.path) not in leave_out))
              for role in (TRAIN, VALID)}
-    gate = fit_gate(model, paths[TRAIN], paths[VALID], method=g.method, accept=g.accept, layer=g.layer,
-                    datasets=[task.dataset for task in tasks], precision=config.training.precision,
-                    workers=workers(len(paths[TRAIN])), cache=cache, say=say)
+    gate = fit_gate(model, paths[TRAIN], paths[VALID], GateRecipe(method=g.method, accept=g.accept, layer=g.layer),
+                    datasets=[task.dataset for task in tasks], cache=cache,
+                    run=RunOptions(precision=config.training.precision, workers=workers(len(paths[TRAIN])), say=say))
     say(f"out-of-distribution gate: {gate.method} on {len(paths[TRAIN])} training images of "
         f"{', '.join(task.dataset for task in tasks)}, accepting {g.accept:.0%} of validation images")
     return gate
