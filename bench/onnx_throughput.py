@@ -38,6 +38,7 @@ from mvit.evaluate.evaluation_set import split_settings
 from mvit.infer import model_file
 from mvit.infer.export import GATE_OUTPUT, INPUT_NAME, export_onnx
 from mvit.infer.predict import forward_images, predict_stream
+from mvit.runtime.options import RunOptions
 from mvit.infer.prediction import calibrated
 from mvit.registry.splits import samples_for
 
@@ -101,7 +102,7 @@ def main() -> None:
         meta = doc["load"](str(exported.path))[1]
 
         # ---- agreement on every image -------------------------------------------------------------
-        torch_results = list(predict_stream(model, paths, heads, precision="fp32", batch_size=args.batch_size, workers=workers))
+        torch_results = list(predict_stream(model, paths, heads, run=RunOptions("fp32", args.batch_size, workers)))
         onnx_results = []
         for first in range(0, len(paths), args.batch_size):
             onnx_results += doc["predict"](session, meta, [str(p) for p in paths[first : first + args.batch_size]])
@@ -138,7 +139,7 @@ def main() -> None:
             for name, run in (
                 ("mvit model", lambda: mvit_model_only(model, torch_batches, heads)),
                 ("onnx model", lambda: onnx_model_only(session, onnx_batches)),
-                ("mvit end", lambda: list(predict_stream(model, timed, heads, precision="fp32", batch_size=args.batch_size, workers=workers))),
+                ("mvit end", lambda: list(predict_stream(model, timed, heads, run=RunOptions("fp32", args.batch_size, workers)))),
                 ("onnx end", lambda: [doc["predict"](session, meta, [str(p) for p in timed[i : i + args.batch_size]])
                                       for i in range(0, len(timed), args.batch_size)]),
             ):

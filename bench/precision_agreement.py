@@ -27,6 +27,7 @@ from mvit.evaluate.evaluation_set import evaluation_set, split_settings
 from mvit.evaluate.metrics import classification_metrics
 from mvit.infer import model_file
 from mvit.infer.predict import predict_stream
+from mvit.runtime.options import RunOptions
 from mvit.registry import manager
 
 GOAL_AGREEMENT, GOAL_AUC = 0.99, 0.005  # issue 13's goals for int8 against fp32
@@ -65,8 +66,7 @@ def main() -> None:
         results, seconds = {}, {}
         for precision in ("fp32", args.compare):
             start = time.perf_counter()
-            results[precision] = [r for r in predict_stream(model, list(paths), names, precision=precision,
-                                                            batch_size=args.batch_size, workers=workers)]
+            results[precision] = [r for r in predict_stream(model, list(paths), names, run=RunOptions(precision, args.batch_size, workers))]
             seconds[precision] = time.perf_counter() - start
         for head, targets in heads:
             info = model.heads[head]

@@ -38,6 +38,7 @@ from mvit.infer.model import HeadInfo, Model
 from mvit.runtime.precision import autocast, autocast_dtype, cpu_has_fast_bfloat16
 from mvit.data.dataset import loader_workers
 from mvit.infer.predict import predict_stream
+from mvit.runtime.options import RunOptions
 from mvit.data.transforms import Preprocessing, eval_transform
 from mvit.nn.vit import VisionTransformer, named_config
 from mvit.registry import manager
@@ -103,7 +104,7 @@ def heads_only(model: Model, features: torch.Tensor, heads: list[str], repeats: 
 
 def end_to_end(model: Model, files: list[Path], heads, batch_size: int, workers: int, precision: str) -> float:
     start = time.perf_counter()
-    results = predict_stream(model, files, heads, batch_size=batch_size, workers=workers, precision=precision)
+    results = predict_stream(model, files, heads, run=RunOptions(precision, batch_size, workers))
     assert all(r.error is None for r in results)  # results are moved to the CPU, so the GPU is done too
     return time.perf_counter() - start
 

@@ -113,6 +113,7 @@ class Offline:
         from mvit.data.dataset import loader_workers
         from mvit.infer import model_file
         from mvit.infer.predict import DEFAULT_BATCH_SIZE
+        from mvit.runtime.options import RunOptions
 
         self.model = model_file.load(model_path, device="cpu")
         self.files = [image.path for image in images]
@@ -125,8 +126,8 @@ class Offline:
     def _run(self) -> list:
         from mvit.infer.predict import predict_stream
 
-        results = list(predict_stream(self.model, self.files, None, precision=self.precision, batch_size=self.batch_size,
-                                      workers=self.workers))
+        results = list(predict_stream(self.model, self.files, None,
+                                      run=RunOptions(self.precision, self.batch_size, self.workers)))
         failed = [result.error for result in results if result.error is not None]
         assert not failed, failed
         return results

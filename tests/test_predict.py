@@ -16,6 +16,7 @@ from mvit.infer import model_file
 from mvit.runtime import precision
 from mvit.errors import UnknownHeadError
 from mvit.infer.predict import ImageResult, Prediction, predict_stream
+from mvit.runtime.options import RunOptions
 from mvit.data.transforms import eval_transform
 from mvit.errors import ConfigError, ImageError
 
@@ -170,7 +171,7 @@ def test_api_raises_naming_the_bad_input(model, images, tmp_path):
 def test_stream_reports_bad_files_in_place_and_predicts_the_rest(model, images, tmp_path, workers):
     bad = truncated_jpeg(tmp_path / "cut.jpg")
     files = [images[0], bad, images[1], tmp_path / "missing.jpg", images[2]]
-    results = list(predict_stream(model, files, ["mel", "three"], batch_size=2, workers=workers))
+    results = list(predict_stream(model, files, ["mel", "three"], run=RunOptions(batch_size=2, workers=workers)))
     assert [r.image for r in results] == [str(f) for f in files]  # input order, failures included
     assert [r.error is None for r in results] == [True, False, True, False, True]
     assert "damaged or incomplete" in results[1].error and "does not exist" in results[3].error

@@ -57,15 +57,14 @@ def _predict_share(model, files: list, shown: list[str], names: list[str], proce
     order; how many files failed, on every rank."""
     from mvit.data.dataset import loader_workers
     from mvit.infer.predict import predict_stream
+    from mvit.runtime.options import RunOptions
     from mvit.runtime.progress import progress_bar
 
     device = model.device
     mine = processes.shard(len(files), batch_size)  # every input without torchrun; under it, whole batches
-    stream = predict_stream(
-        model, [files[index] for index in mine], names, threshold=threshold, tta=tta, precision=precision, batch_size=batch_size,
-        workers=loader_workers(len(mine), batch_size, device, processes.local_world) if workers is None else workers,
-        abstain=abstain,
-    )
+    workers = loader_workers(len(mine), batch_size, device, processes.local_world) if workers is None else workers
+    stream = predict_stream(model, [files[index] for index in mine], names, threshold=threshold, tta=tta, abstain=abstain,
+                            run=RunOptions(precision, batch_size, workers))
     results = processes.merged(stream, len(files), batch=batch_size)  # every rank's, on rank 0
     # rank 0 alone writes; the file is written aside and renamed into place when complete
     opened = processes.on_main(lambda: _open_for_writing(output_file)) if output_file else None

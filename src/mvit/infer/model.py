@@ -17,6 +17,7 @@ from mvit.infer.predict import predict
 from mvit.infer.prediction import Prediction
 from mvit.infer.reference import ReferenceFeatures
 from mvit.infer.sites import GateWithSites, Site
+from mvit.runtime.options import RunOptions
 from mvit.nn.heads import ClassifierHead, HeadInfo
 from mvit.nn.vit import VisionTransformer
 from mvit.registry.specs import HeadSpec
@@ -138,10 +139,11 @@ class Model(nn.Module):
     # ---- the friendly API (implemented in predict.py and attention.py) -------------------------
 
     def predict(self, images: ImageInput, head: Union[None, str, Iterable[str]] = None, *, site: Optional[str] = None,
-                **options) -> list[Prediction]:
-        """Predictions for paths, PIL images, arrays or tensors (`site`: answer with that site's heads);
-        see `mvit.infer.predict.predict`."""
-        return predict(self.with_site(site), images, head=head, **options)
+                precision: str = "auto", batch_size: int = 32, workers: int = 0, **options) -> list[Prediction]:
+        """Predictions for paths, PIL images, arrays or tensors (`site`: answer with that site's heads;
+        `workers`: decoding processes, 0: this one); see `mvit.infer.predict.predict` for the rest."""
+        run = RunOptions(precision=precision, batch_size=batch_size, workers=workers)
+        return predict(self.with_site(site), images, head=head, run=run, **options)
 
     def attention(self, images: ImageInput, head: Optional[str] = None, *, site: Optional[str] = None,
                   **options) -> list[AttentionMaps]:

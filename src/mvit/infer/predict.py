@@ -20,11 +20,12 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from mvit.data.dataset import ImageBatch, ImageInput, SingleImage, image_loader
+from mvit.data.dataset import ImageBatch, ImageInput, SingleImage, image_loader, loader_workers
 from mvit.data.transforms import eval_transform
 from mvit.errors import ConfigError, ImageError, MvitError
 from mvit.infer.prediction import UNKNOWN, ImageResult, Prediction, calibrated, decide, thresholds_for
 from mvit.infer.quantize import int8_backbone
+from mvit.runtime.options import RunOptions
 from mvit.runtime.precision import Precision, autocast, autocast_dtype
 
 if TYPE_CHECKING:  # pragma: no cover - Model.predict calls this module
@@ -191,6 +192,9 @@ def batch_predictions(
 # ---- the API --------------------------------------------------------------------------------------------
 
 
+IN_PROCESS = RunOptions(workers=0)  # the API's default: images decoded in this process, no workers to start
+
+
 def predict_stream(
     model: Model,
     items: Sequence[SingleImage],
@@ -198,15 +202,14 @@ def predict_stream(
     *,
     threshold: Optional[float] = None,
     tta: bool = False,
-    precision: Precision = "auto",
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    workers: int = 0,
     abstain: bool = False,
+    run: RunOptions = IN_PROCESS,
 ) -> Iterator[ImageResult]:
     """One `ImageResult` per input, in input order; a file that fails is reported and the rest go on.
 
     abstain: an image the model's out-of-distribution gate flags gets the label `unknown` on every
-    head (its probabilities are still reported); needs a model with a gate. A wrong head, threshold
+    head (its probabilities are still reported); needs a model with a gate. run: precision, batch
+    size and decoding processes (`workers=None`: by image count and CPUs). A wrong head, threshold
     or option raises here, before any image is read.
     """
     names = model.select_heads(head)
@@ -217,7 +220,8 @@ def predict_stream(
             "fit one with `mvit calibrate`, or leave out --abstain"
         )
     ids = [image_id(item, index) for index, item in enumerate(items)]
-    stream = logits_stream(model, items, names, tta=tta, precision=precision, batch_size=batch_size, workers=workers)
+    workers = loader_workers(len(items), run.batch_size, model.device) if run.workers is None else run.workers
+    stream = logits_stream(model, items, names, tta=tta, precision=run.precision, batch_size=run.batch_size, workers=workers)
     return _results(model, stream, ids, thresholds, abstain)
 
 
@@ -238,19 +242,17 @@ def predict(
     *,
     threshold: Optional[float] = None,
     tta: bool = False,
-    precision: Precision = "auto",
-    batch_size: int = DEFAULT_BATCH_SIZE,
     device: Union[None, str, torch.device] = None,
-    workers: int = 0,
     abstain: bool = False,
+    run: RunOptions = IN_PROCESS,
 ) -> list[Prediction]:
     """Predictions for one image or many, image by image and, within an image, head by head.
 
     images: a path, PIL image, (H, W[, C]) array, (C, H, W) tensor, or a list of them (an
     (N, H, W, C) array or (N, C, H, W) tensor is N images). head: a name, a list of names (one
     backbone pass for all), or None / "all" for every head. threshold: overrides the stored
-    threshold of the binary heads. device: moves the model there (default: where it is).
-    abstain: label `unknown` on every head for an image the model's out-of-distribution gate flags.
+    threshold of the binary heads. device: moves the model there (default: where it is). run:
+    precision, batch size and decoding processes (default: in this process). abstain: label `unknown` on every head for an image the model's out-of-distribution gate flags.
     Raises `ImageError` naming the first input that cannot be read.
     """
     if device is not None:
@@ -259,10 +261,7 @@ def predict(
     if not items:
         raise MvitError("no images to predict; pass a path, PIL image, array or tensor, or a list of them")
     predictions: list[Prediction] = []
-    for result in predict_stream(
-        model, items, head, threshold=threshold, tta=tta, precision=precision, batch_size=batch_size, workers=workers,
-        abstain=abstain,
-    ):
+    for result in predict_stream(model, items, head, threshold=threshold, tta=tta, abstain=abstain, run=run):
         if result.error is not None:
             raise ImageError(result.error if isinstance(result.image, str) else f"image {result.image}: {result.error}")
         predictions.extend(result.predictions)
