@@ -176,3 +176,37 @@ def test_the_checks_find_a_wrong_way_import_and_a_cycle(toy_package):
     assert graph["mvit.train.trainer"] == set()  # annotations only
     assert wrong_way_imports(graph) == ["mvit.nn.weights imports mvit.train.trainer", "mvit.plugins.toy imports mvit.nn.vit"]
     assert import_cycles(graph) == [["mvit.infer.attention", "mvit.infer.predict"]]
+
+
+MOST_PARAMETERS = 8  # beyond, settings travel together (RunOptions, GateRecipe, AdaptOptions), not one by one
+
+
+def crowded_signatures(root: Path) -> list[str]:
+    """Public functions and methods (not the command line's commands, whose options are their
+    parameters) that take more than MOST_PARAMETERS named parameters, `self` not counted."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        if path.relative_to(root).parts[0] == "cli":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not node.name.startswith("_"):
+                arguments = node.args
+                names = [a.arg for a in (*arguments.posonlyargs, *arguments.args, *arguments.kwonlyargs)]
+                count = len(names) - (names[:1] in (["self"], ["cls"]))
+                if count > MOST_PARAMETERS:
+                    found.append(f"{module_name(path, root)}.{node.name} ({count})")
+    return found
+
+
+def test_no_public_function_takes_more_than_eight_parameters():
+    assert crowded_signatures(PACKAGE) == []
+
+
+def test_the_signature_check_finds_a_crowded_function(tmp_path):
+    root = tmp_path / "mvit"
+    (root / "infer").mkdir(parents=True)
+    (root / "infer" / "predict.py").write_text("def predict(a, b, c, d, e, *, f, g, h, i):\n    pass\n\n"
+                                               "def _private(a, b, c, d, e, f, g, h, i):\n    pass\n")
+    (root / "cli").mkdir()
+    (root / "cli" / "predict.py").write_text("def command(a, b, c, d, e, f, g, h, i):\n    pass\n")
+    assert crowded_signatures(root) == ["mvit.infer.predict.predict (9)"]
