@@ -13,6 +13,7 @@ import torch
 
 from mvit.data.dataset import loader_workers
 from mvit.runtime.distributed import Processes
+from mvit.runtime.files import written_aside
 from mvit.runtime.options import RunOptions
 from mvit.errors import MvitError
 from mvit.evaluate.evaluation_set import ALL_IMAGES, count_phrase, evaluation_set, split_settings
@@ -181,16 +182,11 @@ def _report(model: Model, head: str, info, spec, root, out, dataset: str, split:
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    with written_aside(out / "metrics.json") as partial:
+        partial.write_text(json.dumps(metrics, indent=2) + "\n")
     predicted = decide(probabilities, positive_index(info.classes, positive), metrics.get("threshold"))
-    with open(out / "predictions.csv", "w", newline="") as file:
-        writer = csv.writer(file)
-        gate_columns = ["ood_score", "in_distribution"] if scores is not None else []  # only with a gate
-        writer.writerow(["image", "true", "predicted", "correct", *(f"p_{name}" for name in info.classes), *gate_columns])
-        for row, index in enumerate(rows):
-            true, guess = info.classes[targets[row]], info.classes[predicted[row]]
-            verdict = [] if scores is None else [f"{scores[row]:.6g}", int(model.ood_gate.accepts(torch.tensor(scores[row])))]
-            writer.writerow([str(paths[index]), true, guess, int(true == guess), *(f"{p:.6f}" for p in probabilities[row]), *verdict])
+    _write_predictions(out / "predictions.csv", [paths[index] for index in rows], info.classes, targets, predicted,
+                       probabilities, scores, model.ood_gate)
 
     plots.confusion_matrix_figure(metrics["confusion_matrix"], info.classes, out / "confusion_matrix.png")
     operating_point = None
@@ -227,3 +223,17 @@ def ood_report(
             classification_metrics(probabilities[accepted], targets[accepted], classes, positive, threshold) if accepted.any() else None
         ),
     }
+
+
+def _write_predictions(path: Path, images: list, classes: Sequence[str], targets: np.ndarray, predicted: np.ndarray,
+                       probabilities: np.ndarray, scores: Optional[np.ndarray], gate) -> None:
+    """predictions.csv: a row per evaluated image (N), its true and predicted class, each class's
+    probability (N, K) and, with a gate, its score (N,) and verdict; written whole or not at all."""
+    with written_aside(path) as partial, open(partial, "w", newline="") as file:
+        writer = csv.writer(file)
+        gate_columns = ["ood_score", "in_distribution"] if scores is not None else []  # only with a gate
+        writer.writerow(["image", "true", "predicted", "correct", *(f"p_{name}" for name in classes), *gate_columns])
+        for row, image in enumerate(images):
+            true, guess = classes[targets[row]], classes[predicted[row]]
+            verdict = [] if scores is None else [f"{scores[row]:.6g}", int(gate.accepts(torch.tensor(scores[row])))]
+            writer.writerow([str(image), true, guess, int(true == guess), *(f"{p:.6f}" for p in probabilities[row]), *verdict])

@@ -112,7 +112,10 @@ REFUSALS = {status: {"model": ErrorBody, "description": says} for status, says i
 
 
 def create_app(model: Model, settings: ServeSettings) -> FastAPI:
-    """The app for one loaded model; the model thread starts and stops with the app's lifespan."""
+    """The app for one loaded model; the model thread starts and stops with the app's lifespan.
+
+    Long on purpose: every route is a closure over this model's service and client slots, declared
+    here in one place, so the function reads top to bottom as the HTTP API's reference."""
     service = Service(model, settings)
     clients = ClientSlots(settings.max_client_requests)
 
