@@ -7,6 +7,7 @@ model file reads its record of training images, and so imports torch).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -116,6 +117,46 @@ def data_check_command(
     raise typer.Exit(0 if report.usable else 1)
 
 
+def _leak_sides(arguments: list[str], model: Optional[Path]) -> tuple[dict[str, Path], Optional[Path]]:
+    """`mvit data leaks`' arguments as {dataset: folder} and the model file compared with them (one
+    named among the arguments or by --model), or one sentence for what cannot be read so."""
+    from mvit.errors import ConfigError
+
+    roots = {}
+    for item in arguments:
+        name, sep, folder = item.partition("=")
+        if not sep and item.endswith(".safetensors"):  # a model file as one side
+            if model is not None:
+                raise ConfigError(f"give one model file to compare with, got {model} and {item}")
+            model = Path(item)
+            continue
+        if not sep or not name or not folder:
+            raise ConfigError(f"expected NAME=DIR (for example ph2=~/data/PH2Dataset) or a model file, got {item!r}")
+        roots[name] = Path(folder)
+    if not roots:
+        raise ConfigError("give at least one NAME=DIR to compare with the model file")
+    return roots, model
+
+
+def _leaks_summary(report, model: Optional[Path], record, trained: list) -> dict:
+    """`mvit data leaks --format json`: the shared images, the training images left out and, with a
+    model file, the images of these datasets it trained on."""
+    summary = {
+        "shared": [
+            {"isic_id": image.isic_id, "by": list(image.by),
+             "members": [{"dataset": m.dataset, "split": m.split, "path": str(m.path)} for m in image.members]}
+            for image in report.shared
+        ],
+        "excluded_from_training": [{"dataset": m.dataset, "path": str(m.path)} for m in report.excluded],
+    }
+    if record is not None:
+        summary["model"] = {
+            "path": str(model), "training_images": len(record), "complete": record.complete,
+            "trained_on": [{"dataset": m.dataset, "split": m.split, "path": str(m.path), "by": list(by)} for m, by in trained],
+        }
+    return summary
+
+
 @data_app.command("leaks")
 def data_leaks_command(
     datasets: list[str] = typer.Argument(..., help="NAME=DIR for each dataset used together; a model file (.safetensors) as one more side is the same as --model"),
@@ -129,19 +170,7 @@ def data_leaks_command(
     from mvit.errors import ConfigError
     from mvit.registry.leakage import Member, isic_id, leak_free_splits
 
-    roots = {}
-    for item in datasets:
-        name, sep, folder = item.partition("=")
-        if not sep and item.endswith(".safetensors"):  # a model file as one side
-            if model is not None:
-                raise ConfigError(f"give one model file to compare with, got {model} and {item}")
-            model = Path(item)
-            continue
-        if not sep or not name or not folder:
-            raise ConfigError(f"expected NAME=DIR (for example ph2=~/data/PH2Dataset) or a model file, got {item!r}")
-        roots[name] = Path(folder)
-    if not roots:
-        raise ConfigError("give at least one NAME=DIR to compare with the model file")
+    roots, model = _leak_sides(datasets, model)
     record = None
     if model is not None:
         from mvit.infer.model_file import read_training_images
@@ -163,20 +192,7 @@ def data_leaks_command(
         trained = [(m, found[m.path]) for m in members if m.path in found]
         rows += [[isic_id(m.path) or "", "+".join(by), f"model: {model} ; {m.dataset}/{m.split}: {m.path}"] for m, by in trained]
     if output is OutputFormat.json:
-        summary = {
-            "shared": [
-                {"isic_id": image.isic_id, "by": list(image.by),
-                 "members": [{"dataset": m.dataset, "split": m.split, "path": str(m.path)} for m in image.members]}
-                for image in report.shared
-            ],
-            "excluded_from_training": [{"dataset": m.dataset, "path": str(m.path)} for m in report.excluded],
-        }
-        if record is not None:
-            summary["model"] = {
-                "path": str(model), "training_images": len(record), "complete": record.complete,
-                "trained_on": [{"dataset": m.dataset, "split": m.split, "path": str(m.path), "by": list(by)} for m, by in trained],
-            }
-        typer.echo(json.dumps(summary, indent=2))
+        typer.echo(json.dumps(_leaks_summary(report, model, record, trained), indent=2))
     elif output is OutputFormat.csv:
         print_csv(["isic_id", "by", "files"], rows)
     else:
