@@ -191,9 +191,15 @@ class Block(nn.Module):
             x = x[:, :1]  # a new (B, 1, D) view's sum below is a new tensor: safe whatever in_place says
         if in_place and not class_only:
             x += attended
+        else:
+            x = x + self.drop_path(attended)
+        # free the attention output before the MLP runs, so the allocator hands its buffer to the
+        # MLP's instead of a fresh one (a fresh buffer's first touch costs page faults on a CPU:
+        # a deit_tiny batch of 32 took 1.22x as long without this)
+        del attended
+        if in_place and not class_only:
             x += self.mlp(self.mlp_norm(x), in_place=True)
             return x, probabilities
-        x = x + self.drop_path(attended)
         return x + self.drop_path(self.mlp(self.mlp_norm(x))), probabilities
 
 
