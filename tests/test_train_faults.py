@@ -85,6 +85,18 @@ def test_resuming_a_copy_trains_the_copy_and_leaves_the_original_byte_identical(
     assert mvit.load(copy / "best.safetensors").heads["dermmel"].calibrated
 
 
+def test_a_resume_clears_what_a_run_killed_with_minus_9_was_writing(stopped_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(stopped_run, run)
+    leftover = run / ".last.safetensors.4242.partial"  # the shape `written_aside` leaves under kill -9
+    leftover.mkdir()
+    (leftover / "last.safetensors").write_bytes(b"half a model")
+    result = run_mvit("train", "--resume", str(run))
+    assert result.code == 0, result.stderr
+    assert not [p.name for p in run.iterdir() if "partial" in p.name]
+    assert [h["epoch"] for h in metrics(run)] == [0, 1, 2]
+
+
 @pytest.mark.slow
 def test_a_moved_run_reads_only_its_own_files(stopped_run, tmp_path):
     old, new = tmp_path / "old", tmp_path / "new"

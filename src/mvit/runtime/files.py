@@ -6,7 +6,8 @@ The partial lives in a hidden folder of its own beside the final path (`.NAME.PI
 whatever the writer makes there (safetensors' own `.tmpXXXX`, a partial of a partial) goes with
 it. On success the file is renamed over the final path (two commands writing the same path: the
 last rename wins, whole); on any failure (an error, Ctrl-C, SIGTERM, a full disk) the folder is
-removed and a file already at the final path stays as it was. Only kill -9 leaves the folder.
+removed and a file already at the final path stays as it was. Only kill -9 leaves the folder;
+`remove_partials` clears such leftovers from a folder its caller holds (a locked run folder).
 """
 
 from __future__ import annotations
@@ -47,6 +48,15 @@ def written_aside(path: Path) -> Iterator[Path]:
                 raise
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_partials(folder: Path) -> None:
+    """Remove the partial folders (`.NAME.PID.partial`) that writers killed with -9 left in `folder`.
+    Only for a folder the caller holds alone (a run folder under its lock): a live writer's partial
+    would go too."""
+    for leftover in Path(folder).glob(".*.*.partial"):
+        if leftover.is_dir() and not leftover.is_symlink() and leftover.name.split(".")[-2].isdigit():
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _umask() -> int:

@@ -24,7 +24,7 @@ from typing import Iterator
 import torch
 
 from mvit.errors import ConfigError, DiskFull, ModelFileError, MvitError
-from mvit.runtime.files import written_aside
+from mvit.runtime.files import remove_partials, written_aside
 from mvit.infer import model_file
 from mvit.infer.model import Model
 from mvit.registry.leakage import TrainingImages, recorded_training_images
@@ -74,6 +74,7 @@ class RunFolder:
             raise ConfigError(f"{self.path} is in use by another training run; wait for it to finish, "
                               f"or choose another output (--output DIR)") from None
         self._lock = handle
+        remove_partials(self.path)  # a run killed with -9 left them; no one else writes here now
 
     def release(self) -> None:
         if self._lock is not None:
