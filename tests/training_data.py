@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import pytest
 from PIL import Image, ImageDraw
 
-from datasets_factory import make_dermmel, make_ph2
+from datasets_factory import make_dermmel, make_ph2, stable_seed
 
 if TYPE_CHECKING:
     from mvit.train.config import TrainConfig
@@ -25,7 +25,7 @@ COLOURS = [(200, 40, 40), (40, 160, 220), (60, 200, 60), (220, 200, 40), (160, 6
 
 
 def paint(path: Path, class_index: int, size: int = 40, format: str = "JPEG") -> None:
-    rng = random.Random(str(path))
+    rng = random.Random(stable_seed(path))
     image = Image.frombytes("RGB", (size, size), rng.randbytes(size * size * 3)).point(lambda v: v // 2 + 64)
     draw = ImageDraw.Draw(image)
     radius = rng.randint(size // 5, size // 3)
