@@ -76,12 +76,17 @@ def test_csv_label_is_the_positive_class_exactly_when_its_probability_reaches_th
     capsys, monkeypatch, model_file, images
 ):
     api = api_predictions(model_file, images)
+    stored = {key: p.label for key, p in api.items()}
     p_melanoma = sorted(p.probabilities["melanoma"] for p in api.values())
-    threshold = round((p_melanoma[2] + p_melanoma[3]) / 2, 4)  # half the six (image, head) pairs on each side
-    assert p_melanoma[2] < threshold < p_melanoma[3]
-    expected = {key: decided(p.probabilities["melanoma"], key[1], threshold) for key, p in api.items()}
-    assert sum(label == "melanoma" for label in expected.values()) == 3  # both sides of the rule are exercised
-    assert expected != {key: p.label for key, p in api.items()}  # and the stored thresholds would decide otherwise
+    # a threshold between two of the six (image, head) pairs' probabilities that decides otherwise than
+    # the stored thresholds, with both sides of the rule exercised
+    for below in range(1, len(p_melanoma)):
+        threshold = round((p_melanoma[below - 1] + p_melanoma[below]) / 2, 4)
+        expected = {key: decided(p.probabilities["melanoma"], key[1], threshold) for key, p in api.items()}
+        if p_melanoma[below - 1] < threshold < p_melanoma[below] and expected != stored:
+            break
+    else:
+        pytest.fail(f"no threshold between {p_melanoma} decides otherwise than the stored ones")
 
     done = mvit(capsys, monkeypatch, "predict", "-m", model_file, "-H", "dermmel", "-H", "mel", "-f", "csv",
                 "--threshold", str(threshold), *images)
