@@ -34,7 +34,7 @@ from conftest import SHARED_DATA  # noqa: E402
 import mvit  # noqa: E402
 from mvit.data.features import FeatureCache  # noqa: E402
 from mvit.evaluate.evaluation_set import split_settings  # noqa: E402
-from mvit.registry import splits  # noqa: E402
+from mvit.datasets import splits  # noqa: E402
 from mvit.train.adapt import AdaptOptions, adapt  # noqa: E402
 
 HEADS = ("ham10000-mel", "dermmel")

@@ -18,7 +18,7 @@ import timm
 import torch
 
 from mvit.runtime.precision import cpu_has_fast_bfloat16
-from mvit.nn.weights import create_backbone, load_timm_state_dict
+from mvit.core.weights import create_backbone, load_timm_state_dict
 
 
 def seconds_per_batch(model: torch.nn.Module, images: torch.Tensor, bf16: bool = False, calls: int = 1) -> float:

@@ -31,7 +31,7 @@ from conftest import SHARED_DATA  # noqa: E402
 import mvit  # noqa: E402
 from mvit.data.images import load_image  # noqa: E402
 from mvit.evaluate.evaluation_set import split_settings  # noqa: E402
-from mvit.registry import splits  # noqa: E402
+from mvit.datasets import splits  # noqa: E402
 
 HEADS = ("ham10000-mel", "dermmel")
 WHITE = np.array([0.95047, 1.0, 1.08883])

@@ -32,15 +32,15 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from mvit.data.dataset import loader_workers
+from mvit.runtime.options import loader_workers
 from mvit.data.transforms import eval_transform
 from mvit.evaluate.evaluation_set import split_settings
-from mvit.infer import model_file
+from mvit.core import model_file
 from mvit.infer.export import GATE_OUTPUT, INPUT_NAME, export_onnx
 from mvit.infer.predict import forward_images, predict_stream
 from mvit.runtime.options import RunOptions
 from mvit.infer.prediction import calibrated
-from mvit.registry.splits import samples_for
+from mvit.datasets.splits import samples_for
 
 ROOT = Path(__file__).resolve().parents[1]
 

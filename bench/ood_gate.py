@@ -31,11 +31,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from mvit.infer import model_file
+from mvit.core import model_file
 from mvit.evaluate.evaluation_set import split_settings
 from mvit.evaluate.gate import pooled_features
-from mvit.registry.records import load_samples
-from mvit.registry.splits import samples_for
+from mvit.datasets.records import load_samples
+from mvit.datasets.splits import samples_for
 
 SEED = 0
 CROPS_PER_PHOTO = 10

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from mvit.data.dataset import loader_workers
+from mvit.runtime.options import loader_workers
 from mvit.evaluate.evaluation_set import evaluation_set, split_settings
 from mvit.evaluate.metrics import classification_metrics
-from mvit.infer import model_file
+from mvit.core import model_file
 from mvit.infer.predict import predict_stream
 from mvit.runtime.options import RunOptions
 from mvit.registry import manager
@@ -62,7 +62,7 @@ def main() -> None:
     worst, goals_met = 0.0, True
     for paths, heads in groups.items():
         names = [head for head, _ in heads]
-        workers = loader_workers(len(paths), args.batch_size, model.backbone.class_token.device)
+        workers = loader_workers(len(paths), args.batch_size, model.device)
         results, seconds = {}, {}
         for precision in ("fp32", args.compare):
             start = time.perf_counter()

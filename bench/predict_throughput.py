@@ -34,15 +34,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mvit.infer.model import HeadInfo, Model
+from mvit.core.heads import HeadInfo
+from mvit.infer.model import Model
 from mvit.runtime.precision import autocast, autocast_dtype, cpu_has_fast_bfloat16
-from mvit.data.dataset import loader_workers
+from mvit.runtime.options import loader_workers
 from mvit.infer.predict import predict_stream
 from mvit.runtime.options import RunOptions
-from mvit.data.transforms import Preprocessing, eval_transform
-from mvit.nn.vit import VisionTransformer, named_config
+from mvit.core.preprocessing import Preprocessing
+from mvit.data.transforms import eval_transform
+from mvit.core.vit import VisionTransformer, named_config
 from mvit.registry import manager
-from mvit.registry.records import image_files
+from mvit.registry.image_files import image_files
 
 
 def write_jpegs(folder: Path, count: int, size: tuple[int, int] = (300, 225)) -> list[Path]:

@@ -110,21 +110,21 @@ class Offline:
     decoding workers cli/predict.py chooses (loader_workers), every head; model loading not timed."""
 
     def __init__(self, images: list[Sample], model_path: Optional[str], precision: str):
-        from mvit.data.dataset import loader_workers
-        from mvit.infer import model_file
+        from mvit.runtime.options import loader_workers
+        from mvit.core import model_file
         from mvit.infer.predict import DEFAULT_BATCH_SIZE
-        from mvit.runtime.options import RunOptions
 
         self.model = model_file.load(model_path, device="cpu")
         self.files = [image.path for image in images]
         self.precision, self.batch_size = precision, DEFAULT_BATCH_SIZE
-        self.workers = loader_workers(len(self.files), DEFAULT_BATCH_SIZE, next(self.model.parameters()).device)
+        self.workers = loader_workers(len(self.files), DEFAULT_BATCH_SIZE, self.model.device)
         self.seconds: list[float] = []  # each timed pass
         self.others: list[float] = []  # CPU other processes took during each timed pass, in cores
         self.labels = {(Path(str(p.image)).name, p.head): p.label for result in self._run() for p in result.predictions}  # and warm-up
 
     def _run(self) -> list:
         from mvit.infer.predict import predict_stream
+        from mvit.runtime.options import RunOptions
 
         results = list(predict_stream(self.model, self.files, None,
                                       run=RunOptions(self.precision, self.batch_size, self.workers)))

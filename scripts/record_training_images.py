@@ -3,7 +3,7 @@
 Each training run the model file's provenance lists is rebuilt as training built it (its datasets,
 heads and split settings; leakage exclusion by `mvit.train.tasks.build_tasks`) from the dataset
 folders given here, and the identities of every run's training images (content hashes and ISIC ids,
-`mvit.registry.leakage.TrainingImages`) are written into a copy of the model file. Its tensors,
+`mvit.core.training_images.TrainingImages`) are written into a copy of the model file. Its tensors,
 heads, gate and the rest of its provenance are left as they were, and checked to be.
 
     python scripts/record_training_images.py src/mvit/assets/default.safetensors \
@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from mvit.infer import model_file
-from mvit.registry.leakage import TrainingImages
+from mvit.core import model_file
+from mvit.core.training_images import TrainingImages
 from mvit.train.config import TrainConfig
 from mvit.train.tasks import TRAIN, build_tasks
 

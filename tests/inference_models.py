@@ -8,8 +8,9 @@ from typing import Optional
 import torch
 
 from conftest import TINY, tiny_model
-from mvit.infer import model_file
-from mvit.infer.model import HeadInfo, Model
+from mvit.core import model_file
+from mvit.core.heads import HeadInfo
+from mvit.infer.model import Model
 from mvit.registry import manager
 
 

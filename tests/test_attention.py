@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mvit.infer.attention import _gradient_weighted, _rollout, attention_maps, crop_box
-from mvit.data.transforms import Preprocessing
+from mvit.core.preprocessing import Preprocessing
 from mvit.errors import ConfigError, ImageError
 
 KINDS = ("last_layer", "rollout", "per_head", "per_layer", "class_specific")

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import mvit
 from clirun import call_mvit, run_mvit
 from mvit.errors import ConfigError
-from mvit.infer import model_file
+from mvit.core import model_file
 from mvit.train.config import load_config, validate_config
 from mvit.train.model_setup import build_model
 from test_registry import fake_distribution

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 import mvit
-from mvit.infer.model_file import read_metadata, save
+from mvit.core.model_file import read_metadata, save
 from mvit.errors import ModelFileError
 
 

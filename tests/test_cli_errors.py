@@ -15,9 +15,10 @@ import pytest
 from clirun import call_mvit, run_mvit
 from datasets_factory import write_image
 from inference_models import plugin_heads_model, saved_model
+import mvit
 from mvit.cli.app import os_error_sentence
 from mvit.cli.output import printable
-from mvit.infer import model_file as model_files
+from mvit.core import model_file as model_files
 
 CLEAR = "\x1b[2J"  # clear the screen
 
@@ -72,7 +73,7 @@ def test_an_image_piped_on_stdin_is_predicted_and_named_as_given(model_file, tmp
     )
     assert done.returncode == 0, done.stderr.decode()
     [record] = json.loads(done.stdout)
-    [expected] = model_files.load(model_file).predict(image, head="dermmel")
+    [expected] = mvit.load(model_file).predict(image, head="dermmel")
     assert record["image"] == spelling
     assert record["probabilities"] == pytest.approx(dict(expected.probabilities), abs=1e-6)
 

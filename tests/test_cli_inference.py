@@ -10,8 +10,9 @@ from bad_images import AWKWARD, BROKEN, ODD_NAMES
 from clirun import call_mvit, run_mvit
 from datasets_factory import make_dermmel, make_ham10000, write_image
 from inference_models import saved_model
-from mvit.infer import model_file as model_files
-from mvit.registry.splits import samples_for
+from mvit.core import model_file as model_files
+from mvit.infer.model import load as load_model
+from mvit.datasets.splits import samples_for
 
 
 @pytest.fixture
@@ -32,7 +33,7 @@ def test_json_has_one_record_per_image_and_head_equal_to_the_api(capsys, monkeyp
     done = mvit(capsys, monkeypatch, "predict", "-m", model_file, "--device", "cpu", "--head", "dermmel", "--head", "ham10000", "-f", "json", *images)
     assert done.code == 0, done.stderr
     records = json.loads(done.stdout)
-    api = model_files.load(model_file).predict(images, head=["dermmel", "ham10000"])
+    api = load_model(model_file).predict(images, head=["dermmel", "ham10000"])
     assert records == [
         {"image": str(p.image), "head": p.head, "label": p.label, "probability": pytest.approx(p.probability),
          "probabilities": pytest.approx(dict(p.probabilities)),
@@ -46,7 +47,7 @@ NEGATIVE = {"dermmel": "not_melanoma", "mel": "other"}  # the class each binary 
 
 def api_predictions(model_file, images):
     """(image, head) -> the API's prediction with the stored thresholds (dermmel 0.5, mel 0.3)."""
-    return {(str(p.image), p.head): p for p in model_files.load(model_file).predict(images, head=["dermmel", "mel"])}
+    return {(str(p.image), p.head): p for p in load_model(model_file).predict(images, head=["dermmel", "mel"])}
 
 
 def decided(p_melanoma, head, threshold):

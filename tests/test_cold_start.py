@@ -12,9 +12,9 @@ import sys
 import torch
 
 import mvit
-from mvit.infer import model_file
+from mvit.core import model_file
 from mvit.infer.model import Model
-from mvit.nn.vit import VisionTransformer
+from mvit.core.vit import VisionTransformer
 from training_data import paint
 
 # a wrapper around `python -m mvit`: reports what start-up looked like when the model was loaded,

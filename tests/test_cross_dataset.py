@@ -22,8 +22,9 @@ from mvit.evaluate.evaluation_set import evaluation_set
 from mvit.evaluate.report import evaluate_head
 from mvit.errors import ConfigError
 from mvit.registry import DatasetSpec, HeadSpec, Sample, hookimpl, manager, other_than
-from mvit.registry.diagnoses import LEAVES, bridge_label_map, leaves
-from mvit.registry.splits import samples_for
+from mvit.datasets.bridging import bridge_label_map
+from mvit.registry.diagnoses import LEAVES, leaves
+from mvit.datasets.splits import samples_for
 
 HAM_LABELS = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 REPORT = ["confidence.png", "confusion_matrix.png", "metrics.json", "predictions.csv", "reliability.png", "roc.png"]

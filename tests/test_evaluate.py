@@ -15,7 +15,7 @@ from mvit.evaluate.calibration import choose_threshold, fit_temperature
 from mvit.evaluate.evaluation_set import split_settings
 from mvit.evaluate.metrics import classification_metrics, expected_calibration_error
 from mvit.evaluate.report import evaluate_head
-from mvit.registry.splits import samples_for
+from mvit.datasets.splits import samples_for
 
 # a known binary prediction set: P(melanoma) for 10 images, 4 of them melanoma
 P_MEL = np.array([0.95, 0.80, 0.55, 0.30, 0.62, 0.40, 0.20, 0.10, 0.05, 0.35])

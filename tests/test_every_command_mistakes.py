@@ -31,7 +31,7 @@ DRIVER = r'''
 import json, os, sys, traceback
 cases, results_file, scratch = json.load(open(sys.argv[1])), sys.argv[2], sys.argv[3]
 from mvit.cli import app
-import mvit.infer.model_file, mvit.infer.predict, mvit.evaluate.report, mvit.train.trainer, mvit.train.extract  # noqa
+import mvit.core.model_file, mvit.infer.predict, mvit.evaluate.report, mvit.train.trainer, mvit.train.extract  # noqa
 results = {}
 for k, (name, argv) in enumerate(cases.items()):
     out, err = os.path.join(scratch, f"{k}.out"), os.path.join(scratch, f"{k}.err")

@@ -22,12 +22,14 @@ pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip 
 
 from clirun import call_mvit  # noqa: E402
 from conftest import SHARED_DATA, TINY, tiny_model  # noqa: E402
-from mvit.data.transforms import Preprocessing, eval_transform  # noqa: E402
-from mvit.infer import model_file  # noqa: E402
+from mvit.core.preprocessing import Preprocessing  # noqa: E402
+from mvit.data.transforms import eval_transform  # noqa: E402
+from mvit.core import model_file  # noqa: E402
 from mvit.infer.export import GATE_OUTPUT, METADATA_KEY, check_export, export_onnx, read_export_metadata  # noqa: E402
-from mvit.infer.model import HeadInfo, Model  # noqa: E402
-from mvit.infer.ood import fit_gate_on_features  # noqa: E402
-from mvit.nn.vit import VisionTransformer  # noqa: E402
+from mvit.core.heads import HeadInfo  # noqa: E402
+from mvit.infer.model import Model, load  # noqa: E402
+from mvit.evaluate.gate import fit_gate_on_features  # noqa: E402
+from mvit.core.vit import VisionTransformer  # noqa: E402
 from mvit.registry.specs import HeadConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,7 +200,7 @@ def test_the_metadata_says_how_to_prepare_the_input_and_read_the_outputs(tmp_pat
 
 @pytest.fixture(scope="module")
 def bundled(tmp_path_factory):
-    model = model_file.load()
+    model = load()
     return model, export_onnx(model, tmp_path_factory.mktemp("bundled") / "bundled.onnx")
 
 

@@ -29,10 +29,11 @@ from inference_models import saved_model
 from mvit.data import features as features_module
 from mvit.data.features import FeatureCache, fingerprint
 from mvit.data.images import load_image
-from mvit.data.transforms import Preprocessing, eval_transform
+from mvit.core.preprocessing import Preprocessing
+from mvit.data.transforms import eval_transform
 from mvit.errors import ConfigError, DiskFull, ImageError, MvitError
-from mvit.nn.vit import VisionTransformer
-from mvit.registry.leakage import content_hash
+from mvit.core.vit import VisionTransformer
+from mvit.core.training_images import content_hash
 from mvit.train import trainer as training
 from mvit.train.run_folder import RunFolder
 from training_data import make_learnable_dermmel, paint, tiny_run_config, write_tiny_config

@@ -37,9 +37,9 @@ from datasets_factory import ham_rows, make_ham10000, write_image
 from inference_models import plugin_heads_model, saved_model
 from mvit.cli import predict as predict_cli
 from mvit.errors import PluginError
-from mvit.infer import model_file
+from mvit.core import model_file
 from mvit.registry import DatasetSpec, hookimpl, manager
-from mvit.registry.records import load_samples
+from mvit.datasets.records import load_samples
 from serving import start_server
 from training_data import make_learnable_dermmel, write_tiny_config
 

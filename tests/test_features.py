@@ -9,8 +9,8 @@ import torch
 from mvit.data import features as features_module
 from mvit.runtime.distributed import Processes
 from mvit.data.features import FeatureCache, fingerprint
-from mvit.data.transforms import Preprocessing
-from mvit.nn.vit import VisionTransformer
+from mvit.core.preprocessing import Preprocessing
+from mvit.core.vit import VisionTransformer
 from conftest import TINY
 from training_data import paint
 

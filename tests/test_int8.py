@@ -12,11 +12,11 @@ from clirun import call_mvit
 from conftest import tiny_model
 from datasets_factory import write_image
 from inference_models import saved_model
+import mvit
 from mvit.data.transforms import eval_transform
 from mvit.errors import ConfigError
-from mvit.infer import model_file as model_files
 from mvit.infer import quantize
-from mvit.infer.ood import GateInfo, OODGate
+from mvit.core.gate import GateInfo, OODGate
 from mvit.infer.predict import logits_stream
 from mvit.infer.prediction import calibrated
 from mvit.runtime.precision import PRECISIONS, autocast_dtype, cpu_has_fast_bfloat16
@@ -130,7 +130,7 @@ def test_auto_never_picks_int8(model):
     if not cpu_has_fast_bfloat16():  # auto is exactly fp32 here, not int8
         pictures = images(3)
         assert model.predict(pictures, precision="auto") == model.predict(pictures, precision="fp32")
-        assert "_int8_backbone" not in model.__dict__
+        assert model.backbone not in quantize._int8_copies  # no int8 copy was made
 
 
 @pytest.mark.parametrize("device", ["cuda", "cuda:1", "mps", "meta"])
@@ -156,8 +156,8 @@ def test_predict_precision_int8_through_the_cli(capsys, monkeypatch, tmp_path):
                      *map(str, pictures))
     assert done.code == 0, done.stderr
     records = json.loads(done.stdout)
-    api = model_files.load(path).predict(pictures, precision="int8")
+    api = mvit.load(path).predict(pictures, precision="int8")
     assert [(r["image"], r["head"], r["label"]) for r in records] == [(str(p.image), p.head, p.label) for p in api]
     assert [r["probabilities"] for r in records] == [pytest.approx(dict(p.probabilities), abs=1e-6) for p in api]
-    fp32 = model_files.load(path).predict(pictures, precision="fp32")
+    fp32 = mvit.load(path).predict(pictures, precision="fp32")
     assert probabilities(api) == pytest.approx(probabilities(fp32), abs=0.02)

@@ -18,8 +18,8 @@ import mvit
 from mvit.runtime.options import RunOptions
 from mvit.errors import ModelFileError
 from mvit.evaluate.report import evaluate_head
-from mvit.infer import model_file
-from mvit.registry.leakage import TrainingImages, content_hash, hash64, isic_number
+from mvit.core import model_file
+from mvit.core.training_images import TrainingImages, content_hash, hash64, isic_number
 from mvit.train import trainer as training
 from mvit.train.tasks import TRAIN, build_tasks
 from clirun import call_mvit, run_mvit

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mvit.infer import model_file
+from mvit.core import model_file
 from mvit.train import linear_heads
 from training_data import make_learnable_dermmel, make_learnable_ph2, tiny_run_config
 

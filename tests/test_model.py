@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mvit.errors import UnknownHeadError
-from mvit.nn.heads import HeadInfo
+from mvit.core.heads import HeadInfo
 from mvit.errors import MvitError
 
 

@@ -21,7 +21,7 @@ from clirun import call_mvit, run_mvit
 from datasets_factory import write_image
 from inference_models import saved_model
 from mvit.errors import ModelFileError, MvitError
-from mvit.infer import model_file
+from mvit.core import model_file
 from mvit.infer.prediction import UNKNOWN, Prediction
 
 # a safetensors file starts with its header's length as 8 little-endian bytes: these lengths (mod

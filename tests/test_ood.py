@@ -18,13 +18,14 @@ from conftest import tiny_model
 from datasets_factory import ham_rows, make_ham10000
 from inference_models import plugin_heads_model, saved_model
 from mvit.runtime.options import RunOptions
-from mvit.infer import model_file
-from mvit.infer.model_file import read_metadata
+from mvit.core import model_file
+from mvit.core.model_file import read_metadata
 from mvit.evaluate.gate import calibration_paths, fit_gate, pooled_features
-from mvit.infer.ood import METHODS, GateRecipe, fit_gate_on_features
+from mvit.core.gate import METHODS
+from mvit.evaluate.gate import GateRecipe, fit_gate_on_features
 from mvit.infer.predict import UNKNOWN
 from mvit.errors import ConfigError, ModelFileError
-from mvit.registry.splits import samples_for
+from mvit.datasets.splits import samples_for
 
 # ---- generated images: "lesions" (skin with a brown blob) and things that are not ---------------
 
@@ -123,8 +124,8 @@ def test_the_tap_is_the_mean_patch_token_after_its_block_in_the_same_pass():
 
 
 def test_layer_names():
-    from mvit.infer.ood import resolve_layer
-    from mvit.nn.vit import VisionTransformer, named_config
+    from mvit.core.gate import resolve_layer
+    from mvit.core.vit import VisionTransformer, named_config
 
     deit = VisionTransformer(named_config("deit_tiny_patch16_224"))  # 12 blocks
     assert [resolve_layer(deit, layer) for layer in ("middle", "pooled", None, 3, "11")] == [6, None, None, 3, 11]
@@ -392,7 +393,7 @@ def test_calibrate_mistakes_are_one_sentence(capsys, monkeypatch, tmp_path, args
 
 def test_evaluate_reports_the_accepted_fraction_and_the_metrics_on_accepted_images(capsys, monkeypatch, gated_models, tmp_path):
     from datasets_factory import make_dermmel
-    from mvit.infer.ood import OODGate
+    from mvit.core.gate import OODGate
 
     counts = {"train_sep": {"Melanoma": 1, "NotMelanoma": 1}, "valid": {"Melanoma": 1, "NotMelanoma": 1},
               "test": {"Melanoma": 6, "NotMelanoma": 6}}

@@ -10,7 +10,7 @@ import pytest
 
 from clirun import run_mvit
 from datasets_factory import make_ph2, write_image
-from mvit.registry.scaffold import write_plugin
+from mvit.datasets.scaffold import write_plugin
 
 
 @pytest.fixture(scope="module")

@@ -19,9 +19,10 @@ from datasets_factory import (
     write_image,
 )
 from mvit.errors import DatasetError, PluginError
-from mvit.registry import DatasetSpec, HeadSpec, Sample, hookimpl, manager, splits
-from mvit.registry.check import check_dataset
-from mvit.registry.records import class_indices, load_samples, read_dataset
+from mvit.datasets import splits
+from mvit.registry import DatasetSpec, HeadSpec, Sample, hookimpl, manager
+from mvit.datasets.check import check_dataset
+from mvit.datasets.records import class_indices, load_samples, read_dataset
 
 
 @pytest.fixture(autouse=True)

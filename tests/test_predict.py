@@ -12,7 +12,7 @@ import mvit
 from bad_images import truncated_jpeg
 from conftest import tiny_model
 from datasets_factory import write_image
-from mvit.infer import model_file
+from mvit.core import model_file
 from mvit.runtime import precision
 from mvit.errors import UnknownHeadError
 from mvit.infer.predict import ImageResult, Prediction, predict_stream

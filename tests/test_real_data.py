@@ -11,8 +11,10 @@ import pytest
 
 from clirun import call_mvit
 from conftest import SHARED_DATA
-from mvit.registry import leakage, manager, splits
-from mvit.registry.records import load_samples
+from mvit.core.training_images import content_hash
+from mvit.datasets import leakage, splits
+from mvit.registry import manager
+from mvit.datasets.records import load_samples
 
 DATA = SHARED_DATA
 
@@ -90,7 +92,7 @@ def test_every_dermmel_original_is_a_ham10000_image_and_leaks_are_taken_out_of_t
     assert report.pair_counts() == {("dermmel", "ham10000"): 982}
     assert all(image.by == ("content", "isic_id") for image in report.shared)
     evaluation = {
-        leakage.content_hash(s.path) for splits_ in cleaned.values() for split in ("valid", "test") for s in splits_[split]
+        content_hash(s.path) for splits_ in cleaned.values() for split in ("valid", "test") for s in splits_[split]
     }
     for per_split in cleaned.values():
-        assert not any(leakage.content_hash(s.path) in evaluation for s in per_split["train"])
+        assert not any(content_hash(s.path) in evaluation for s in per_split["train"])

@@ -14,7 +14,8 @@ import mvit
 from conftest import tiny_model
 from mvit.train import trainer as training
 from mvit.train.tasks import build_tasks
-from mvit.infer.model_file import load, save
+from mvit.core.model_file import save
+from mvit.infer.model import load
 from mvit.data.mixing import IGNORE, Mix, mix_images, mixing_active, soft_targets
 from mvit.data.transforms import (
     AcquisitionShift,

@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from clirun import call_mvit, run_mvit
 from datasets_factory import make_dermmel, make_ham10000, write_image
 from mvit.errors import ConfigError, PluginError
-from mvit.registry import DatasetSpec, HeadSpec, Sample, hookimpl, leakage, loading, manager, splits
+from mvit.datasets import leakage, splits
+from mvit.registry import DatasetSpec, HeadSpec, Sample, hookimpl, loading, manager
 
 BUILT_IN = {"dermmel", "ham10000", "ph2"}
 
@@ -620,7 +621,7 @@ def test_official_splits_missing_on_some_samples_state_the_rule(tmp_path):
 
 
 def test_data_check_warns_about_one_isic_image_in_two_splits(tmp_path):
-    from mvit.registry.check import check_dataset
+    from mvit.datasets.check import check_dataset
 
     names = {"ISIC_0000001.jpg": "train", "ISIC_0000001_downsampled.jpg": "test", "ISIC_0000002.jpg": "valid"}
     for i, name in enumerate(names):

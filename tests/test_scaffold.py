@@ -4,24 +4,22 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from clirun import run_mvit
 from mvit.errors import ConfigError
-from mvit.registry.scaffold import write_plugin
+from mvit.datasets.scaffold import write_plugin
 
 
-@pytest.mark.slow
-def test_the_scaffold_installs_passes_its_tests_and_appears_in_mvit_plugins(tmp_path):
-    package = tmp_path / "mvit-derm-site"
-    run = run_mvit("plugins", "new", "derm-site", "--output", str(package))
-    assert run.code == 0, run.stderr
-    assert (package / "src" / "mvit_derm_site" / "__init__.py").is_file()
-
-    site = tmp_path / "site"  # a real pip install, into its own folder so the test venv stays as it was
+def installed_and_tested(package, tmp_path) -> dict:
+    """pip-install `package` into a folder of its own (the test venv stays as it was), run the
+    package's own tests against it, and return `mvit plugins --format json` as it then answers."""
+    site = tmp_path / "site"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(site), str(package)],
         check=True, capture_output=True, timeout=300,
@@ -36,11 +34,42 @@ def test_the_scaffold_installs_passes_its_tests_and_appears_in_mvit_plugins(tmp_
 
     listed = run_mvit("plugins", "--format", "json", env={"PYTHONPATH": str(site)})
     assert listed.code == 0, listed.stderr
-    summary = json.loads(listed.stdout)
-    plugin = next(p for p in summary["plugins"] if p["name"] == "derm-site")
-    assert plugin["distribution"] == "mvit-derm-site"
-    assert plugin["datasets"] == ["derm-site"] and plugin["heads"] == ["derm-site", "derm-site-mel"]
+    return json.loads(listed.stdout)
+
+
+def listed_plugin(summary: dict, name: str) -> dict:
+    plugin = next(p for p in summary["plugins"] if p["name"] == name)
+    assert plugin["distribution"] == f"mvit-{name}"
+    assert plugin["datasets"] == [name] and plugin["heads"] == [name, f"{name}-mel"]
     assert summary["warnings"] == []
+    return plugin
+
+
+@pytest.mark.slow
+def test_the_scaffold_installs_passes_its_tests_and_appears_in_mvit_plugins(tmp_path):
+    package = tmp_path / "mvit-derm-site"
+    run = run_mvit("plugins", "new", "derm-site", "--output", str(package))
+    assert run.code == 0, run.stderr
+    assert (package / "src" / "mvit_derm_site" / "__init__.py").is_file()
+    listed_plugin(installed_and_tested(package, tmp_path), "derm-site")
+
+
+@pytest.mark.slow
+def test_a_plugin_the_scaffold_wrote_before_the_engine_moved_still_installs_and_works(tmp_path):
+    """tests/plugins_written_before holds the scaffold's output from before `mvit.datasets` existed:
+    its loader imports `mvit.registry` and its tests `mvit.registry.check`."""
+    package = shutil.copytree(Path(__file__).parent / "plugins_written_before" / "mvit-old-lesions", tmp_path / "old")
+    assert "from mvit.registry.check import check_dataset" in (package / "tests" / "test_plugin.py").read_text()
+    listed_plugin(installed_and_tested(package, tmp_path), "old-lesions")
+
+
+def test_the_scaffold_writes_every_file_of_its_template_and_fills_every_blank(tmp_path):
+    package = write_plugin("derm-site", tmp_path / "p")
+    written = sorted(str(p.relative_to(package)) for p in package.rglob("*") if p.is_file())
+    assert written == ["README.md", "pyproject.toml", "src/mvit_derm_site/__init__.py", "tests/test_plugin.py"]
+    for path in package.rglob("*"):
+        if path.is_file():
+            assert "$" not in path.read_text().replace("$ ", ""), path
 
 
 def test_the_scaffold_refuses_a_bad_name_or_a_folder_in_use(tmp_path):

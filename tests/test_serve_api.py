@@ -211,7 +211,7 @@ def test_uploads_stay_in_memory(files):
 
     from fastapi.testclient import TestClient
 
-    from mvit.infer import model_file
+    from mvit.core import model_file
     from mvit.serve.app import create_app
     from mvit.serve.settings import ServeSettings
 

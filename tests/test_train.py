@@ -248,7 +248,7 @@ def test_an_mvit_init_keeps_its_architecture_and_takes_the_configs_regularisatio
 
 
 def test_create_backbone_applies_overrides_to_a_given_config():
-    from mvit.nn.vit import ViTConfig
+    from mvit.core.vit import ViTConfig
 
     backbone = mvit.create_backbone(ViTConfig(image_size=32, patch_size=8, width=32, depth=2, num_heads=2), drop_path=0.2)
     assert backbone.config.drop_path == 0.2 and backbone.config.width == 32

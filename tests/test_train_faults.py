@@ -23,7 +23,8 @@ import mvit
 from clirun import run_mvit
 from datasets_factory import truncate
 from mvit.errors import ConfigError, MvitError
-from mvit.registry import DatasetSpec, HeadSpec, Sample, hookimpl, leakage, manager
+from mvit.datasets import leakage
+from mvit.registry import DatasetSpec, HeadSpec, Sample, hookimpl, manager
 from mvit.train import trainer as training
 from mvit.train.config import load_config
 from training_data import interrupted_run, make_learnable_dermmel, paint, tiny_run_config, write_tiny_config

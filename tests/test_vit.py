@@ -4,8 +4,8 @@ import pytest
 import timm
 import torch
 
-from mvit.nn.vit import NAMED_CONFIGS, VisionTransformer, ViTConfig, named_config
-from mvit.nn.weights import export_timm_state_dict, load_timm_state_dict
+from mvit.core.vit import NAMED_CONFIGS, VisionTransformer, ViTConfig, named_config
+from mvit.core.weights import export_timm_state_dict, load_timm_state_dict
 from mvit.errors import ConfigError
 
 

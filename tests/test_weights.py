@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 import mvit
-from mvit.nn.weights import export_timm_state_dict, load_timm_state_dict
+from mvit.core.weights import export_timm_state_dict, load_timm_state_dict
 from mvit.errors import WeightsError
 
 NAME = "deit_tiny_patch16_224"

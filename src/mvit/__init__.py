@@ -23,10 +23,10 @@ __version__ = "0.1.0"
 _LAZY = {
     "Model": "mvit.infer.model",
     "Prediction": "mvit.infer.prediction",
-    "load": "mvit.infer.model_file",
-    "save": "mvit.infer.model_file",
-    "create_backbone": "mvit.nn.weights",
-    "VisionTransformer": "mvit.nn.vit",
+    "load": "mvit.infer.model",
+    "save": "mvit.core.model_file",
+    "create_backbone": "mvit.core.weights",
+    "VisionTransformer": "mvit.core.vit",
     "list_heads": "mvit.registry.manager",
     "list_datasets": "mvit.registry.manager",
 }

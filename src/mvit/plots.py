@@ -7,7 +7,7 @@ and never touches pyplot's global state or a display, so it works headless and i
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import Optional, Protocol, Sequence
 
 import numpy as np
 from matplotlib import colormaps
@@ -15,9 +15,28 @@ from matplotlib.figure import Figure
 
 from mvit.runtime.files import written_aside
 
-if TYPE_CHECKING:  # pragma: no cover - both modules import this one to draw their figures
-    from mvit.infer.attention import AttentionMaps
-    from mvit.evaluate.metrics import ReliabilityBins
+
+
+class ReliabilityBins(Protocol):
+    """What a reliability figure reads (`mvit.evaluate.metrics.ReliabilityBins` has it)."""
+
+    edges: np.ndarray  # (bins + 1,) confidence edges from 0 to 1
+    accuracy: np.ndarray  # (bins,)
+    count: np.ndarray  # (bins,) images per bin
+
+
+class AttentionMaps(Protocol):
+    """What the attention figures read (`mvit.infer.attention.AttentionMaps` has it)."""
+
+    rgb: np.ndarray  # (H, W, 3) uint8, the whole image
+    crop_box: tuple[int, int, int, int]  # left, top, right, bottom: the part the model saw
+    last_layer: np.ndarray  # (H, W)
+    rollout: np.ndarray  # (H, W)
+    class_specific: Optional[np.ndarray]  # (H, W), or None without a head
+    head: Optional[str]
+    target: Optional[str]
+    per_head: np.ndarray  # (heads, H, W)
+    per_layer: np.ndarray  # (layers, H, W)
 
 DPI = 120
 HEATMAP = "jet"  # red where the model looked most, blue where least: how attention maps are usually read
@@ -114,7 +133,7 @@ def confidence_figure(
     return _save(figure, path)
 
 
-def reliability_figure(before: "ReliabilityBins", after: "ReliabilityBins", path: Path, *, temperature: float) -> Path:
+def reliability_figure(before: ReliabilityBins, after: ReliabilityBins, path: Path, *, temperature: float) -> Path:
     """Accuracy against confidence per bin, before and after temperature scaling; the diagonal is perfect."""
     figure = Figure(figsize=(10, 4.5))
     for ax, table, title in zip(
@@ -174,7 +193,7 @@ def overlay_grid(
     return _save(figure, path)
 
 
-def attention_figures(maps: "AttentionMaps", folder: Path, stem: str, *, title: str) -> list[Path]:
+def attention_figures(maps: AttentionMaps, folder: Path, stem: str, *, title: str) -> list[Path]:
     """Three PNGs for one image: `<stem>.attention.png` (the image with the box the model saw, the
     last layer, rollout and, with a head, the class-specific map), `<stem>.heads.png` (each attention
     head of the last layer) and `<stem>.layers.png` (each layer, mean over heads)."""

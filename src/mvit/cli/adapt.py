@@ -39,7 +39,7 @@ def adapt_command(
     """Fit a site's own version of the heads from its labelled images; keep it only where cross-validation shows it better."""
     from mvit.runtime.files import written_aside
     from mvit.runtime.options import RunOptions
-    from mvit.infer import model_file as model_files
+    from mvit.core import model_file as model_files
     from mvit.registry.labels_file import read_labels_file
     from mvit.registry.specs import NAME_PATTERN
     from mvit.train.adapt import AdaptOptions, adapt

@@ -43,7 +43,7 @@ def load_model(model_file: Optional[Path], device: str, site: Optional[str] = No
     site `site` sees it where one is named."""
     import torch
 
-    from mvit.infer import model_file as model_files
+    from mvit.core import model_file as model_files
     from mvit.runtime.precision import resolve_device
 
     try:

@@ -79,7 +79,7 @@ def plugins_new_command(
     output: Path = typer.Option(None, "--output", "-o", help="the package folder to write (default: ./mvit-NAME)"),
 ) -> None:
     """Write a working dataset plugin package to start from: pyproject, plugin module, a test, a README."""
-    from mvit.registry.scaffold import write_plugin
+    from mvit.datasets.scaffold import write_plugin
 
     folder = write_plugin(name, output if output is not None else Path(f"mvit-{name}"))
     show(f"wrote {folder}; next: cd {folder} && pip install -e '.[test]' && pytest, then edit its loader")
@@ -93,7 +93,7 @@ def data_check_command(
     seed: int = typer.Option(0, help=SEED_HELP),
 ) -> None:
     """Check a dataset folder: counts per split and class, missing, unreadable or unlabelled images, duplicates across splits. Exit 0 only when usable."""
-    from mvit.registry.check import check_dataset
+    from mvit.datasets.check import check_dataset
 
     report = check_dataset(name, root, seed=seed)
     if output is OutputFormat.json:
@@ -168,12 +168,13 @@ def data_leaks_command(
     import json
 
     from mvit.errors import ConfigError
-    from mvit.registry.leakage import Member, isic_id, leak_free_splits
+    from mvit.core.training_images import isic_id
+    from mvit.datasets.leakage import Member, leak_free_splits
 
     roots, model = _leak_sides(datasets, model)
     record = None
     if model is not None:
-        from mvit.infer.model_file import read_training_images
+        from mvit.core.model_file import read_training_images
 
         record = read_training_images(model)
         if record is None:

@@ -88,7 +88,7 @@ def calibrate_command(
     roots: list[Path] = typer.Option(..., "--root", help="the folder of each --dataset, in the same order"),
     output_file: Path = typer.Option(..., "--output", "-o", help="model file to write (the input is left as it is unless this names it)"),
     model_file: Optional[Path] = typer.Option(None, "--model", "-m", help="model file to add the gate to (default: the model bundled with mvit)"),
-    # the defaults are ood.DEFAULT_METHOD, DEFAULT_LAYER, DEFAULT_ACCEPT and DEFAULT_K, written out so `mvit --help` need not import torch
+    # the defaults are mvit.evaluate.gate.DEFAULT_METHOD, DEFAULT_LAYER, DEFAULT_ACCEPT and DEFAULT_K, written out so `mvit --help` need not import torch
     method: GateMethod = typer.Option(GateMethod.mahalanobis, "--method", help="mahalanobis: distance from the training features' mean; knn: distance to the k-th nearest training image"),
     layer: str = typer.Option("middle", "--layer", help="feature the gate reads: middle (mean patch token halfway up the backbone), pooled (the heads' feature) or a block number"),
     accept: float = typer.Option(0.95, "--accept", help="fraction of validation images the gate lets through; it sets the threshold"),
@@ -102,8 +102,9 @@ def calibrate_command(
     """Fit an out-of-distribution gate onto a trained model, without retraining: training images make the reference, the validation split sets the threshold."""
     from mvit.runtime.files import written_aside
     from mvit.evaluate.gate import calibration_paths, fit_gate
-    from mvit.infer import model_file as model_files
-    from mvit.infer.ood import GateRecipe, check_options, resolve_layer
+    from mvit.core import model_file as model_files
+    from mvit.core.gate import resolve_layer
+    from mvit.evaluate.gate import GateRecipe, check_options
     from mvit.runtime.options import RunOptions
 
     check_options(method.value, accept, k)

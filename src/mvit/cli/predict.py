@@ -32,6 +32,7 @@ def predict_command(
 ) -> None:
     """Predict images with one or more heads. Files that cannot be read are reported, the rest predicted; exit 1 when any failed."""
     from mvit.runtime.distributed import Processes, local_device, quiet_unless_rank_zero
+    from mvit.runtime.options import RunOptions
 
     quiet_unless_rank_zero()  # under torchrun rank 0 alone prints and writes
     output = _format_of(output, output_file)
@@ -42,8 +43,9 @@ def predict_command(
     processes = Processes.from_environment(model.device.type)
     names = model.select_heads(heads)
     with processes:  # a clean run leaves the process group here, after the last exchange (see Processes.close)
-        failed = _predict_share(model, files, shown, names, processes, output, output_file, threshold=threshold, tta=tta,
-                                precision=precision.value, batch_size=batch_size, workers=workers, abstain=abstain)
+        run = RunOptions(precision.value, batch_size, workers, processes=processes)
+        failed = _predict_share(model, files, shown, names, output, output_file, threshold=threshold, tta=tta,
+                                abstain=abstain, run=run)
     if failed < len(files):  # what the predictions rest on, once per run, after them
         _note_uncalibrated(model, names, threshold)
     if failed:
@@ -51,21 +53,20 @@ def predict_command(
         raise typer.Exit(1)
 
 
-def _predict_share(model, files: list, shown: list[str], names: list[str], processes, output: OutputFormat,
-                   output_file: Optional[Path], *, threshold, tta, precision, batch_size, workers, abstain) -> int:
-    """This process's share of the files predicted and, on rank 0, every share written in input
-    order; how many files failed, on every rank."""
-    from mvit.data.dataset import loader_workers
+def _predict_share(model, files: list, shown: list[str], names: list[str], output: OutputFormat,
+                   output_file: Optional[Path], *, threshold, tta, abstain, run) -> int:
+    """This process's share of the files predicted (`run.processes`: torchrun's ranks) and, on rank
+    0, every share written in input order; how many files failed, on every rank."""
+    from dataclasses import replace
+
     from mvit.infer.predict import predict_stream
-    from mvit.runtime.options import RunOptions
     from mvit.runtime.progress import progress_bar
 
-    device = model.device
-    mine = processes.shard(len(files), batch_size)  # every input without torchrun; under it, whole batches
-    workers = loader_workers(len(mine), batch_size, device, processes.local_world) if workers is None else workers
-    stream = predict_stream(model, [files[index] for index in mine], names, threshold=threshold, tta=tta, abstain=abstain,
-                            run=RunOptions(precision, batch_size, workers))
-    results = processes.merged(stream, len(files), batch=batch_size)  # every rank's, on rank 0
+    processes = run.processes
+    mine = processes.shard(len(files), run.batch_size)  # every input without torchrun; under it, whole batches
+    run = replace(run, workers=run.workers_for(len(mine), model.device))
+    stream = predict_stream(model, [files[index] for index in mine], names, threshold=threshold, tta=tta, abstain=abstain, run=run)
+    results = processes.merged(stream, len(files), batch=run.batch_size)  # every rank's, on rank 0
     # rank 0 alone writes; the file is written aside and renamed into place when complete
     opened = processes.on_main(lambda: _open_for_writing(output_file)) if output_file else None
     written, sink = opened or (contextlib.nullcontext(), sys.stdout)

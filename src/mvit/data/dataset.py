@@ -10,8 +10,6 @@ sentence, or skip the image and count it.
 
 from __future__ import annotations
 
-import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
@@ -121,19 +119,3 @@ class BadImages:
         count = len(self.skipped)
         return (f"left out {count} unreadable image{'s' if count != 1 else ''} (training.bad_images = \"skip\"); "
                 f"the first: {next(iter(self.skipped.values()))}")
-
-
-def loader_workers(count: int, batch_size: int, device: Union[str, torch.device] = "cpu", processes: int = 1) -> int:
-    """Decoding processes for `count` images, for each of `processes` processes on this machine.
-
-    None for a single batch: starting them costs more than it saves. On a GPU up to 8, since
-    decoding is then the bottleneck. On a CPU one per 8 cores (at least one): the model's threads
-    use every core, each decoding process takes one from them, and one process decodes about 230
-    lesion JPEGs/s, more than a CPU forward of a DeiT model needs.
-    """
-    if count <= batch_size:
-        return 0
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    cpus = max(1, cpus // processes)
-    most = min(8, cpus) if torch.device(device).type == "cuda" else max(1, cpus // 8)
-    return max(1, min(most, math.ceil(count / batch_size)))

@@ -39,9 +39,10 @@ from mvit.data.dataset import BadImages, image_loader
 from mvit.runtime.distributed import Processes
 from mvit.errors import DiskFull, MvitError
 from mvit.runtime.precision import autocast
-from mvit.data.transforms import Preprocessing, eval_transform
-from mvit.nn.vit import VisionTransformer
-from mvit.registry.leakage import content_hash
+from mvit.core.preprocessing import Preprocessing
+from mvit.data.transforms import eval_transform
+from mvit.core.vit import VisionTransformer
+from mvit.core.training_images import content_hash
 
 # in every fingerprint, which model files also record (their reference bank), so kept at 1: a file
 # from before the checksums is told by its layout (no `checksums`), and moved aside and rebuilt

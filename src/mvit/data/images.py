@@ -11,12 +11,13 @@ import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterable, Union
+from typing import BinaryIO, Iterable, Optional, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mvit.errors import ImageError, ImageTooLarge
+from mvit.registry.image_paths import image_files, is_image
 
 # Images above this many pixels are refused: a 600 MP "image" is a decompression bomb, not a lesion.
 MAX_PIXELS = 178_956_970  # Pillow's own default limit
@@ -58,8 +59,24 @@ def decode_image(image: EncodedImage, max_pixels: int = MAX_PIXELS) -> Image.Ima
     return _decode(io.BytesIO(image.data), image.name, max_pixels)
 
 
-def _decode(source: Union[Path, BinaryIO], name: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Open, fully decode and convert a file or stream to RGB; Pillow's failures become one sentence."""
+def decode_problem(image: EncodedImage) -> Optional[str]:
+    """Why these bytes would not decode (one sentence naming `image.name`), or None when they would;
+    cheaper than decoding them (`mvit data check` runs it on every image of a dataset)."""
+    try:
+        with Image.open(io.BytesIO(image.data)) as opened:
+            opened.verify()  # structure and checksums, where the format has them
+        _decode(io.BytesIO(image.data), image.name, draft=True)
+    except ImageError as error:
+        return str(error)
+    except Exception as error:  # noqa: BLE001 - verify() raises many types for a bad file
+        return f"{image.name} is damaged or incomplete: Pillow could not read it ({str(error) or type(error).__name__})"
+    return None
+
+
+def _decode(source: Union[Path, BinaryIO], name: str, max_pixels: int = MAX_PIXELS, *, draft: bool = False) -> Image.Image:
+    """Open, fully decode and convert a file or stream to RGB; Pillow's failures become one sentence.
+    draft: decode a JPEG at 1/8 of its size, which still reads every byte (so truncation shows) at a
+    fraction of the cost; for checking, not for use."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -68,6 +85,8 @@ def _decode(source: Union[Path, BinaryIO], name: str, max_pixels: int = MAX_PIXE
                     raise ImageTooLarge(
                         f"{name} is {image.width:,} x {image.height:,} pixels, over the limit of {max_pixels:,} pixels"
                     )
+                if draft:
+                    image.draft("RGB", (image.width // 8 or 1, image.height // 8 or 1))
                 image.load()  # decode now, so a truncated file fails here and not later
                 return to_rgb(ImageOps.exif_transpose(image))
     except (FileNotFoundError, IsADirectoryError, PermissionError):
@@ -139,7 +158,6 @@ def find_image_files(arguments: Iterable[Union[str, Path]]) -> list[Path]:
     """The files named on a command line, in order, each once: a file as given, a folder's image
     files (recursively, sorted), a glob's matching image files. A path that does not exist is kept,
     so that reading it reports it, next to the files that do exist."""
-    from mvit.registry.records import image_files, is_image
 
     found: list[Path] = []
     for argument in arguments:

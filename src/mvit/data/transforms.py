@@ -1,4 +1,5 @@
-"""Preprocessing (stored with every model) and training augmentation.
+"""The transforms of Preprocessing (the value stored with every model, `mvit.core.preprocessing`) and
+training augmentation.
 
 Inference: optional colour constancy, shorter side to `image_size / crop_fraction`, centre crop to
 `image_size`, ImageNet normalisation, as DeiT was trained. Dermoscopic images put the lesion in the
@@ -25,26 +26,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class Preprocessing(BaseModel):
-    """How an image becomes the (3, S, S) tensor the backbone expects."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    image_size: int = Field(default=224, gt=0)
-    resize: Literal["crop", "squash"] = "crop"  # crop: keep aspect, centre crop; squash: stretch to square
-    crop_fraction: float = Field(default=0.9, gt=0, le=1)  # DeiT's crop_pct
-    interpolation: Literal["bicubic", "bilinear"] = "bicubic"
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    # "shades_of_gray": divide out the illuminant estimated by the Minkowski p-norm of each channel
-    # (Finlayson & Trezzi 2004), so one clinic's warm lamp and another's cold LED look alike
-    color_constancy: Literal["none", "shades_of_gray"] = "none"
-    color_constancy_power: float = Field(default=6.0, ge=1)  # p = 6, as the ISIC 2019 winners used
-
+from mvit.core.preprocessing import Preprocessing
 
 class AcquisitionShift(BaseModel):
     """How often each imitation of another clinic's camera is applied to a training image (0: never).

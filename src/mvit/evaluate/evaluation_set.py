@@ -18,7 +18,7 @@ def split_settings(provenance: dict[str, Any], dataset: str) -> dict[str, Any]:
     uses this one; files without the record get the defaults training uses.
     """
     from mvit.registry import manager
-    from mvit.registry.splits import DEFAULT_FOLDS, DEFAULT_SEED
+    from mvit.datasets.splits import DEFAULT_FOLDS, DEFAULT_SEED
 
     stored = (provenance.get("splits") or {}).get(dataset) or {}
     official = manager.get_dataset(dataset).official_splits  # training ignores a fold for these too
@@ -52,7 +52,7 @@ def evaluation_set(
     """The images of `split` (`all`: every image) of `dataset` at `root` that `head` can be scored on.
 
     On the head's own dataset its `label_map` gives each image's class, as in training. On any other
-    dataset the diagnosis vocabulary does (`mvit.registry.diagnoses.bridge_label_map`): images whose
+    dataset the diagnosis vocabulary does (`mvit.datasets.bridging.bridge_label_map`): images whose
     label matches no single class of the head are left out and counted, and a dataset none of whose
     labels match is a ConfigError. splits: {"seed", "fold", "folds", "fractions"} for a named split
     (default: the training defaults); `all` ignores them and leaves out augmented copies, which
@@ -61,9 +61,9 @@ def evaluation_set(
     from collections import Counter
 
     from mvit.registry import manager
-    from mvit.registry.diagnoses import bridge_label_map
-    from mvit.registry.records import load_samples
-    from mvit.registry.splits import samples_for
+    from mvit.datasets.bridging import bridge_label_map
+    from mvit.datasets.records import load_samples
+    from mvit.datasets.splits import samples_for
 
     spec, data = manager.get_head(head), manager.get_dataset(dataset)
     label_map = bridge_label_map(spec, manager.get_dataset(spec.dataset), data)

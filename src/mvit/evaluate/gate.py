@@ -1,4 +1,4 @@
-"""Fitting the out-of-distribution gate (`mvit.infer.ood`) from a model's own images.
+"""Fitting the out-of-distribution gate (`mvit.core.gate`): on features, and from a model's own images.
 
 The gate learns the training images' backbone features and chooses its threshold on the
 validation images, split exactly as the model was trained (the settings its file recorded), so
@@ -7,28 +7,95 @@ validation images, split exactly as the model was trained (the settings its file
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from mvit.data.dataset import loader_workers
 from mvit.data.features import FeatureCache
-from mvit.errors import ConfigError
+from mvit.core.gate import DEFAULT_K, METHODS, GateInfo, OODGate, backbone_pass, resolve_layer
+from mvit.errors import ConfigError, MvitError
 from mvit.evaluate.evaluation_set import split_settings
-from mvit.infer.ood import (
-    GateRecipe,
-    OODGate,
-    backbone_pass,
-    check_options,
-    fit_gate_on_features,
-    resolve_layer,
-)
 from mvit.infer.predict import image_batches
 from mvit.runtime.options import RunOptions
 from mvit.runtime.precision import autocast, autocast_dtype
-from mvit.registry import leakage, manager, splits
+from mvit.datasets import leakage, splits
+from mvit.registry import manager
+
+
+# chosen by measurement: see docs/prediction.md, "Out-of-distribution gate"
+DEFAULT_METHOD = "mahalanobis"
+DEFAULT_LAYER = "middle"  # the block halfway up the backbone; "pooled" (None) is the heads' feature
+DEFAULT_ACCEPT = 0.95
+
+
+@dataclass(frozen=True)
+class GateRecipe:
+    """How a gate is fitted (`mvit.evaluate.gate.fit_gate`): its scoring method, the share of
+    in-distribution validation images it accepts, k for knn, and the backbone feature it reads
+    ("middle", "pooled" / None, or a block number)."""
+
+    method: str = DEFAULT_METHOD
+    accept: float = DEFAULT_ACCEPT
+    k: int = DEFAULT_K
+    layer: Union[None, int, str] = DEFAULT_LAYER
+
+
+def fit_tensors(train_features: Tensor, method: str) -> dict[str, Tensor]:
+    """Training features (N, D) -> the tensors of a `method` gate."""
+    if method == "knn":
+        # rounded to float16 now, so the threshold is chosen with exactly the bank the file will hold
+        return {"bank": F.normalize(train_features.float(), dim=1).half().float()}  # (N, D)
+    from sklearn.covariance import LedoitWolf
+
+    estimate = LedoitWolf().fit(train_features.double().numpy())  # shrinkage keeps a D > N covariance invertible
+    return {
+        "mean": torch.from_numpy(estimate.location_).float(),  # (D,)
+        "precision": torch.from_numpy(estimate.precision_).float(),  # (D, D)
+    }
+
+
+def fit_gate_on_features(
+    train_features: Tensor,
+    valid_features: Tensor,
+    *,
+    method: str = DEFAULT_METHOD,
+    accept: float = DEFAULT_ACCEPT,
+    k: int = DEFAULT_K,
+    datasets: Sequence[str] = (),
+    layer: Optional[int] = None,
+) -> OODGate:
+    """A gate from training features (N, D) and a threshold that accepts `accept` of validation features (M, D).
+
+    layer: which feature these are (None: pooled; N: mean patch token after block N), recorded so
+    prediction computes the same one."""
+    check_options(method, accept, k)
+    if len(train_features) < 2 or len(valid_features) == 0:
+        raise MvitError(
+            f"an out-of-distribution gate needs at least 2 training and 1 validation image, "
+            f"got {len(train_features)} and {len(valid_features)}"
+        )
+    info = GateInfo(method=method, threshold=0.0, quantile=accept, k=k if method == "knn" else None, layer=layer,
+                    train_images=len(train_features), valid_images=len(valid_features), datasets=list(datasets))
+    gate = OODGate(info, fit_tensors(train_features.cpu(), method))
+    scores = gate.score(valid_features.cpu()).numpy()  # (M,)
+    # "higher": the threshold is one of the scores, and at least `accept` of them are <= it
+    threshold = float(np.quantile(scores, accept, method="higher"))
+    gate.info = info.model_copy(update={"threshold": threshold})
+    return gate
+
+
+def check_options(method: str, accept: float, k: int) -> None:
+    if method not in METHODS:
+        raise ConfigError(f"unknown out-of-distribution method {method!r}; choose one of {', '.join(METHODS)}")
+    if not 0 < accept <= 1:
+        raise ConfigError(f"--accept is the fraction of validation images to accept, between 0 and 1; got {accept}")
+    if k < 1:
+        raise ConfigError(f"k must be at least 1, got {k}")
 
 
 def pooled_features(
@@ -48,7 +115,7 @@ def pooled_features(
     """
     device = model.device
     if workers is None:
-        workers = loader_workers(len(items), batch_size, device)
+        workers = RunOptions(batch_size=batch_size).workers_for(len(items), device)
     rows, kept, errors = [], [], {}
     for batch, dtype in image_batches(model, items, precision=precision, batch_size=batch_size, workers=workers):
         errors.update(batch.errors)
@@ -117,7 +184,7 @@ def gate_features(model, paths: list[Path], layer: Optional[int], cache, run: Ru
     """The features (N, D) a gate reads (`layer`: None pooled, N the mean patch token after block N)
     of `paths`, through the HDF5 cache, which computes only those it lacks."""
     device = model.device
-    workers = loader_workers(len(paths), run.batch_size, device) if run.workers is None else run.workers
+    workers = run.workers_for(len(paths), device)
     backbone = model.backbone if layer is None else _Tapped(model.backbone, layer)
     return FeatureCache(Path(cache), warn=run.say).load(
         backbone, model.preprocessing, paths, device=device, dtype=autocast_dtype(run.precision, device),

@@ -11,17 +11,16 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from mvit.data.dataset import loader_workers
 from mvit.runtime.distributed import Processes
 from mvit.runtime.files import written_aside
 from mvit.runtime.options import RunOptions
 from mvit.errors import MvitError
 from mvit.evaluate.evaluation_set import ALL_IMAGES, count_phrase, evaluation_set, split_settings
 from mvit.evaluate.metrics import classification_metrics, expected_calibration_error, positive_index, reliability_bins
-from mvit.infer.model import Model
+from mvit.core.model import Model
 from mvit.infer.predict import logits_stream
 from mvit.infer.prediction import calibrated, decide
-from mvit.registry.leakage import recorded_training_images
+from mvit.core.training_images import recorded_training_images
 
 
 def leak_sentence(metrics: dict[str, Any]) -> Optional[str]:
@@ -117,7 +116,7 @@ def evaluate_head(
     processes = run.processes or Processes()
     batch_size = run.batch_size
     mine = processes.shard(len(paths), batch_size)  # every image in one process; under torchrun, whole batches
-    workers = loader_workers(len(mine), batch_size, model.device, processes.local_world) if run.workers is None else run.workers
+    workers = run.workers_for(len(mine), model.device)
 
     found = []  # (input positions, logits (b, K), gate scores (b,) or None) per batch, and unreadable (position, sentence)
     errors: list[tuple[int, str]] = []

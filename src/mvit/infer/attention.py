@@ -18,7 +18,7 @@ box inside the image, and outside that box a map is 0.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -28,13 +28,13 @@ from torch import Tensor
 
 from mvit.data.dataset import ImageInput
 from mvit.data.images import as_rgb_image
-from mvit.data.transforms import Preprocessing, eval_transform
+from mvit.core.preprocessing import Preprocessing
+from mvit.data.transforms import eval_transform
 from mvit.errors import ConfigError, ImageError
 from mvit.infer.predict import image_id, image_list
 from mvit.infer.prediction import calibrated, decide, thresholds_for
+from mvit.core.model import Model
 
-if TYPE_CHECKING:  # pragma: no cover - Model.attention calls this module
-    from mvit.infer.model import Model
 
 DEFAULT_BATCH_SIZE = 8  # each image keeps depth x (h, T, T) attention and its gradient alive
 

@@ -32,16 +32,15 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Optional, Union
+from typing import Iterable, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from mvit.runtime.files import written_aside
 from mvit.errors import MvitError
+from mvit.core.model import Model
 
-if TYPE_CHECKING:  # pragma: no cover
-    from mvit.infer.model import Model
 
 METADATA_KEY = "mvit"
 METADATA_FORMAT = "mvit-onnx/1"

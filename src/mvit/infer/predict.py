@@ -13,23 +13,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Sequence, Union
+from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
-from mvit.data.dataset import ImageBatch, ImageInput, SingleImage, image_loader, loader_workers
+from mvit.data.dataset import ImageBatch, ImageInput, SingleImage, image_loader
 from mvit.data.transforms import eval_transform
 from mvit.errors import ConfigError, ImageError, MvitError
 from mvit.infer.prediction import UNKNOWN, ImageResult, Prediction, calibrated, decide, thresholds_for
 from mvit.infer.quantize import int8_backbone
 from mvit.runtime.options import RunOptions
 from mvit.runtime.precision import Precision, autocast, autocast_dtype
+from mvit.core.model import Model
 
-if TYPE_CHECKING:  # pragma: no cover - Model.predict calls this module
-    from mvit.infer.model import Model
 
 HeadSelection = Union[None, str, Iterable[str]]
 
@@ -220,7 +219,7 @@ def predict_stream(
             "fit one with `mvit calibrate`, or leave out --abstain"
         )
     ids = [image_id(item, index) for index, item in enumerate(items)]
-    workers = loader_workers(len(items), run.batch_size, model.device) if run.workers is None else run.workers
+    workers = run.workers_for(len(items), model.device)
     stream = logits_stream(model, items, names, tta=tta, precision=run.precision, batch_size=run.batch_size, workers=workers)
     return _results(model, stream, ids, thresholds, abstain)
 

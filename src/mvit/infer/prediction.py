@@ -14,7 +14,7 @@ import numpy as np
 from torch import Tensor
 
 from mvit.errors import ConfigError
-from mvit.nn.heads import HeadInfo
+from mvit.core.heads import HeadInfo
 from mvit.registry.specs import RESERVED_CLASS
 
 UNKNOWN = RESERVED_CLASS  # the label of every head for an image the gate flags, when abstaining

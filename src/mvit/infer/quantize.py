@@ -11,8 +11,9 @@ out-of-distribution gate reads its feature from the same int8 backbone pass.
 One linear stays float32: the last block's qkv, whose weight `Attention.forward(..., class_only=True)` slices
 (query for the class token only, keys and values for every token) and so must be a plain tensor.
 
-The quantised copy is made once per model and kept on it (`model._int8_backbone`, a plain attribute,
-so it is in neither `state_dict()` nor `parameters()`); it is made again when a backbone parameter
+The quantised copy is made once per backbone and kept here, beside the model rather than on it (a
+weak map from backbone to copy: it goes with its backbone, a site's view of the model shares it,
+and the model never carries state it did not load); it is made again when a backbone parameter
 has changed since (a new tensor, or an in-place update such as an optimizer step or
 `load_state_dict`).
 
@@ -25,18 +26,17 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import TYPE_CHECKING
+import weakref
 
 import torch
 from torch import nn
 
 from mvit.errors import ConfigError
 from mvit.runtime.precision import check_int8_device
+from mvit.core.model import Model
 
-if TYPE_CHECKING:  # pragma: no cover
-    from mvit.infer.model import Model
-
-CACHE_ATTRIBUTE = "_int8_backbone"
+# backbone -> (its fingerprint when quantised, the int8 copy)
+_int8_copies: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, nn.Module]]" = weakref.WeakKeyDictionary()
 
 
 def quantization_engine() -> str:
@@ -85,12 +85,12 @@ def _fingerprint(backbone: nn.Module) -> tuple:
 
 def int8_backbone(model: Model) -> nn.Module:
     """The model's int8 backbone: made on first use, then reused while the backbone is unchanged."""
-    key = (id(model.backbone), _fingerprint(model.backbone))
-    cached = model.__dict__.get(CACHE_ATTRIBUTE)
-    if cached is not None and cached[0] == key:
+    fingerprint = _fingerprint(model.backbone)
+    cached = _int8_copies.get(model.backbone)
+    if cached is not None and cached[0] == fingerprint:
         return cached[1]
     quantized = quantize_backbone(model.backbone)
-    model.__dict__[CACHE_ATTRIBUTE] = (key, quantized)  # a plain attribute: not a submodule
+    _int8_copies[model.backbone] = (fingerprint, quantized)
     return quantized
 
 

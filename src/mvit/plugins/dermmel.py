@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mvit.registry import DatasetError, DatasetSpec, HeadSpec, Sample, hookimpl, other_than
-from mvit.registry.records import image_files, is_image
+from mvit.registry import DatasetError, DatasetSpec, HeadSpec, Sample, hookimpl, image_files, is_image, other_than
 
 SPLIT_FOLDERS = {"train_sep": "train", "valid": "valid", "test": "test"}  # folder -> mvit split
 LABELS = ("Melanoma", "NotMelanoma")

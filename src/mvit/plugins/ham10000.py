@@ -12,8 +12,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from mvit.registry import DatasetError, DatasetSpec, HeadSpec, Sample, hookimpl
-from mvit.registry.records import is_image
+from mvit.registry import DatasetError, DatasetSpec, HeadSpec, Sample, hookimpl, is_image
 
 METADATA = "HAM10000_metadata.csv"
 LABELS = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")

@@ -13,8 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from mvit.registry import DatasetError, DatasetSpec, HeadSpec, Sample, hookimpl
-from mvit.registry.records import is_image
+from mvit.registry import DatasetError, DatasetSpec, HeadSpec, Sample, hookimpl, is_image
 
 TABLE = "PH2_dataset.txt"
 IMAGES = "PH2 Dataset images"

@@ -13,7 +13,7 @@ import csv
 from pathlib import Path
 
 from mvit.errors import DatasetError
-from mvit.registry.records import is_image
+from mvit.registry.image_paths import is_image
 from mvit.registry.specs import Sample
 from mvit.registry.words import count
 

@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from mvit import __version__
-from mvit.infer.model import Model
+from mvit.core.model import Model
 from mvit.infer.prediction import thresholds_for
 from mvit.serve.clients import ClientSlots
 from mvit.serve.service import ATTENTION_MAPS, Service, admitted
@@ -277,7 +277,7 @@ def app_from_environment() -> FastAPI:
     $MVIT_SERVE_SETTINGS, and each worker loads its own copy of the model."""
     import torch
 
-    from mvit.infer import model_file
+    from mvit.core import model_file
     from mvit.runtime.precision import resolve_device
 
     settings = ServeSettings.model_validate(json.loads(os.environ[SETTINGS_ENV]))

@@ -23,7 +23,7 @@ from mvit.data.images import EncodedImage, decode_image
 from mvit.data.transforms import eval_transform
 from mvit.errors import ImageError, ImageTooLarge, UnknownHeadError
 from mvit.infer.attention import attention_maps
-from mvit.infer.model import Model
+from mvit.core.model import Model
 from mvit.infer.predict import LogitsBatch, backbone_pass, batch_predictions, head_logits
 from mvit.infer.prediction import thresholds_for
 from mvit.infer.quantize import int8_backbone

@@ -29,19 +29,21 @@ import torch
 from torch import Tensor
 
 from mvit.data.colour import lab_statistics
-from mvit.data.dataset import BadImages, loader_workers
+from mvit.data.dataset import BadImages
 from mvit.data.images import load_image
 from mvit.data.features import FeatureCache, fingerprint
 from mvit.errors import ConfigError, DatasetError, MvitError
 from mvit.evaluate.calibration import choose_threshold, fit_temperature
 from mvit.evaluate.gate import gate_features
-from mvit.infer.model import Model
-from mvit.infer.ood import OODGate, fit_tensors
+from mvit.core.model import Model
+from mvit.core.gate import OODGate
+from mvit.evaluate.gate import fit_tensors
 from mvit.infer.prediction import calibrated
-from mvit.infer.sites import Site, SiteInfo
-from mvit.nn.heads import ClassifierHead, HeadInfo
+from mvit.core.sites import Site, SiteInfo
+from mvit.core.heads import ClassifierHead, HeadInfo
 from mvit.runtime.options import RunOptions
 from mvit.runtime.precision import autocast_dtype
+from mvit.datasets.bridging import classes_meaning
 from mvit.registry import diagnoses, manager
 from mvit.registry.specs import Sample
 from mvit.registry.words import count
@@ -93,7 +95,7 @@ def adapt(model: Model, site: str, samples: Sequence[Sample], options: AdaptOpti
     paths = [sample.path for sample in samples]
     device = model.device
     dtype = autocast_dtype(run.precision, device)
-    workers = loader_workers(len(paths), run.batch_size, device) if run.workers is None else run.workers
+    workers = run.workers_for(len(paths), device)
     features_cache = FeatureCache(cache, warn=run.say, bad_images=BadImages("stop"))
     features_cache.prepare()
     run.say(f"backbone features of {count(len(paths), 'image')}")
@@ -162,7 +164,7 @@ def _class_of_labels(info: HeadInfo, labels: list[str]) -> dict[str, Optional[st
     if words:
         try:
             spec = manager.get_head(info.name)
-            mapping.update(diagnoses.classes_meaning(spec, manager.get_dataset(spec.dataset), words))
+            mapping.update(classes_meaning(spec, manager.get_dataset(spec.dataset), words))
         except MvitError:  # the head's plugin is not installed here: its class names still work
             pass
     return mapping

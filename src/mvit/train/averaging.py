@@ -8,7 +8,7 @@ from typing import Iterator, Optional
 
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from mvit.infer.model import Model
+from mvit.core.model import Model
 
 
 def make_ema(model: Model, decay: float) -> Optional[AveragedModel]:

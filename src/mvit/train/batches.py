@@ -9,13 +9,15 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch import Tensor
 
-from mvit.data.dataset import BadImages, ImageBatch, image_loader, loader_workers
+from mvit.data.dataset import BadImages, ImageBatch, image_loader
 from mvit.data.features import FeatureCache
 from mvit.data.sampling import balanced_batches, batches_per_dataset, interleave, shuffled_batches
-from mvit.data.transforms import Preprocessing, train_transform
-from mvit.infer.model import Model
+from mvit.core.preprocessing import Preprocessing
+from mvit.data.transforms import train_transform
+from mvit.core.model import Model
 from mvit.train.config import TrainConfig
 from mvit.runtime.distributed import Processes
+from mvit.runtime.options import loader_workers
 from mvit.train.tasks import TRAIN, Task
 
 

@@ -19,11 +19,11 @@ from torch import Tensor
 
 from mvit.data.mixing import IGNORE
 from mvit.errors import ConfigError
-from mvit.infer.model import Model
-from mvit.infer.reference import UNUSED, ReferenceFeatures, ReferenceInfo
+from mvit.core.model import Model
+from mvit.core.reference import UNUSED, ReferenceFeatures, ReferenceInfo
 from mvit.registry import manager
-from mvit.registry.diagnoses import bridge_label_map
-from mvit.registry.leakage import content_hash
+from mvit.datasets.bridging import bridge_label_map
+from mvit.core.training_images import content_hash
 from mvit.train import linear_heads
 from mvit.train.tasks import TRAIN, VALID, Task
 
@@ -109,7 +109,7 @@ def _bank(tasks: list[Task], features: Callable[[Task, str], Tensor], borrow_fro
 
 def _borrowed_classes(task: Task, borrowers: list[Task]) -> dict[str, dict[str, int]]:
     """Label of `task`'s dataset -> {head of a borrower: class index}, for every head whose classes
-    cover the label exactly once (`diagnoses.bridge_label_map`)."""
+    cover the label exactly once (`bridging.bridge_label_map`)."""
     found: dict[str, dict[str, int]] = {}
     for other in borrowers:
         for name in other.heads:

@@ -13,8 +13,10 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mvit.infer import model_file, ood
-from mvit.data.transforms import Augmentation, Preprocessing
+from mvit.core import model_file
+from mvit.evaluate import gate
+from mvit.core.preprocessing import Preprocessing
+from mvit.data.transforms import Augmentation
 from mvit.errors import ConfigError, MvitError
 from mvit.runtime.precision import TrainingPrecision, device_problem
 
@@ -133,13 +135,13 @@ class TrainingConfig(_Strict):
 
 
 class GateConfig(_Strict):
-    """The out-of-distribution gate fitted at the end of a run (`mvit.infer.ood`)."""
+    """The out-of-distribution gate fitted at the end of a run (`mvit.core.gate`, fitted by `mvit.evaluate.gate`)."""
 
     # true: fit one, or keep the init model's where the backbone stayed frozen (it still fits); false: none
     enabled: bool = True
-    method: Literal["mahalanobis", "knn"] = ood.DEFAULT_METHOD
-    layer: Union[int, Literal["middle", "pooled"]] = ood.DEFAULT_LAYER  # which backbone feature is scored
-    accept: float = Field(default=ood.DEFAULT_ACCEPT, gt=0, le=1)  # share of in-distribution validation images accepted
+    method: Literal["mahalanobis", "knn"] = gate.DEFAULT_METHOD
+    layer: Union[int, Literal["middle", "pooled"]] = gate.DEFAULT_LAYER  # which backbone feature is scored
+    accept: float = Field(default=gate.DEFAULT_ACCEPT, gt=0, le=1)  # share of in-distribution validation images accepted
 
 
 class CalibrationConfig(_Strict):

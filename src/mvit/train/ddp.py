@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from mvit.runtime.distributed import Processes
-from mvit.infer.model import Model
+from mvit.core.model import Model
 
 class StepModule(nn.Module):
     """What DistributedDataParallel wraps: images or cached features -> the task's head logits."""

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from mvit.evaluate.metrics import classification_metrics
-from mvit.nn.heads import HeadInfo
+from mvit.core.heads import HeadInfo
 
 
 class HeadStats:

@@ -11,11 +11,11 @@ from typing import Callable, Optional
 import torch
 
 from mvit.errors import ConfigError
-from mvit.infer import model_file
-from mvit.infer.model import Model
-from mvit.nn.heads import HeadInfo
-from mvit.nn.vit import VisionTransformer, named_config, resample_position_embedding
-from mvit.nn.weights import create_backbone
+from mvit.core import model_file
+from mvit.core.model import Model
+from mvit.core.heads import HeadInfo
+from mvit.core.vit import VisionTransformer, named_config, resample_position_embedding
+from mvit.core.weights import create_backbone
 from mvit.registry import manager
 from mvit.train.config import BUNDLED, BackboneConfig, TrainConfig, init_model_file
 from mvit.train.run_folder import UNCALIBRATED

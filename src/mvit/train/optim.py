@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from mvit.errors import ConfigError
-from mvit.infer.model import Model
+from mvit.core.model import Model
 from mvit.train.config import TrainConfig
 
 

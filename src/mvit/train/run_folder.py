@@ -25,9 +25,9 @@ import torch
 
 from mvit.errors import ConfigError, DiskFull, ModelFileError, MvitError
 from mvit.runtime.files import remove_partials, written_aside
-from mvit.infer import model_file
-from mvit.infer.model import Model
-from mvit.registry.leakage import TrainingImages, recorded_training_images
+from mvit.core import model_file
+from mvit.core.model import Model
+from mvit.core.training_images import TrainingImages, recorded_training_images
 from mvit.train.config import TrainConfig, validate_config
 
 STATE_FILE = "state.pt"

@@ -1,7 +1,7 @@
 """What a run trains on: each dataset's splits, with leakage kept out, and every sample's class per head.
 
 A dataset names its own splits (the plugin contract: the first of `DatasetSpec.splits` is the
-training split); a run uses two of them, by role: TRAIN and VALID (`registry.splits.validation_split`).
+training split); a run uses two of them, by role: TRAIN and VALID (`datasets.splits.validation_split`).
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from torch import Tensor
 
 from mvit.data.mixing import IGNORE
 from mvit.errors import ConfigError, DatasetError, PluginError
-from mvit.registry import leakage, manager, splits
-from mvit.registry.records import class_indices
+from mvit.datasets import leakage, splits
+from mvit.registry import manager
+from mvit.datasets.records import class_indices
 from mvit.registry.specs import Sample
 from mvit.train.config import TrainConfig
 

@@ -32,8 +32,8 @@ from mvit.data.features import FeatureCache, fingerprint
 from mvit.data.mixing import IGNORE, Mix, mix_images, mixing_active, soft_targets
 from mvit.data.transforms import eval_transform
 from mvit.errors import ConfigError, TrainingDiverged
-from mvit.infer import model_file
-from mvit.registry.leakage import recorded_training_images
+from mvit.core import model_file
+from mvit.core.training_images import recorded_training_images
 from mvit.runtime.precision import autocast, autocast_dtype, resolve_device
 from mvit.runtime.progress import progress_bar
 from mvit.train.averaging import averaged_weights, make_ema

@@ -16,7 +16,7 @@ from typing import Mapping, Optional, Sequence
 
 from mvit.errors import ConfigError, PluginError
 from mvit.registry import manager
-from mvit.registry.records import load_samples
+from mvit.datasets.records import load_samples
 from mvit.registry.words import count
 from mvit.registry.specs import DatasetSpec, Sample
 

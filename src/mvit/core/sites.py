@@ -18,8 +18,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
-from mvit.infer.ood import GateInfo, OODGate
-from mvit.nn.heads import ClassifierHead, HeadInfo
+from mvit.core.gate import GateInfo, OODGate
+from mvit.core.heads import ClassifierHead, HeadInfo
 from mvit.registry.specs import NAME_PATTERN
 
 TENSOR_PREFIX = "site."

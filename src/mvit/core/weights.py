@@ -16,7 +16,7 @@ from typing import Mapping, Optional, Union
 import torch
 from torch import Tensor
 
-from mvit.nn.vit import NAMED_CONFIGS, VisionTransformer, ViTConfig, named_config, resample_position_embedding
+from mvit.core.vit import NAMED_CONFIGS, VisionTransformer, ViTConfig, named_config, resample_position_embedding
 from mvit.errors import WeightsError
 
 # (timm name, mvit name) of each module or parameter; '#' stands for a block index

@@ -14,26 +14,28 @@ import json
 import math
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, TypeVar, Union
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from torch.overrides import TorchFunctionMode
 
-from mvit.infer.model import Model
-from mvit.nn.heads import HeadInfo
-from mvit.infer.ood import TENSOR_PREFIX as OOD_PREFIX
-from mvit.infer.ood import GateInfo, OODGate
-from mvit.data.transforms import Preprocessing
-from mvit.nn.vit import VisionTransformer, ViTConfig
+from mvit.core.gate import TENSOR_PREFIX as OOD_PREFIX
+from mvit.core.gate import GateInfo, OODGate
+from mvit.core.heads import HeadInfo
+from mvit.core.model import Model
+from mvit.core.model_opener import read as read_model_file
+from mvit.core.preprocessing import Preprocessing
+from mvit.core.reference import TENSOR_PREFIX as REFERENCE_PREFIX
+from mvit.core.reference import ReferenceFeatures, ReferenceInfo
+from mvit.core.sites import TENSOR_PREFIX as SITE_PREFIX
+from mvit.core.sites import Site, SiteInfo, check_site_heads
+from mvit.core.training_images import TrainingImages
+from mvit.core.vit import VisionTransformer, ViTConfig
 from mvit.errors import ModelFileError
 from mvit.runtime.files import written_aside
-from mvit.infer.model_opener import read as read_model_file
-from mvit.infer.reference import TENSOR_PREFIX as REFERENCE_PREFIX
-from mvit.infer.reference import ReferenceFeatures, ReferenceInfo
-from mvit.infer.sites import TENSOR_PREFIX as SITE_PREFIX
-from mvit.infer.sites import Site, SiteInfo, check_site_heads
-from mvit.registry.leakage import TrainingImages
+
+M = TypeVar("M", bound=Model)  # the kind of model a file is opened as (`load`'s model_class)
 
 FORMAT = "mvit-model"
 FORMAT_VERSION = 1
@@ -159,8 +161,10 @@ def _one_thread(function):
 
 
 @_one_thread
-def load(path: Union[str, Path, None] = None, *, device: Union[str, torch.device] = "cpu") -> Model:
-    """A model ready for inference (eval mode, float32). No path: the model bundled with mvit.
+def load(path: Union[str, Path, None] = None, *, device: Union[str, torch.device] = "cpu",
+         model_class: type[M] = Model) -> M:
+    """A model ready for inference (eval mode, float32), as `model_class` (`mvit.load` opens it as
+    `mvit.infer.model.Model`, which predicts). No path: the model bundled with mvit.
 
     Every way a file can be wrong (unreadable, not a model file, metadata or tensors that do not
     fit each other, non-finite weights) raises `ModelFileError` with one sentence naming the file.
@@ -171,7 +175,7 @@ def load(path: Union[str, Path, None] = None, *, device: Union[str, torch.device
     tensors = contents.tensors
     _check_tensors(path, tensors)
     with _ParametersOnMeta():  # every value comes from the file: no memory, no random initialisation
-        model = Model(VisionTransformer(metadata.backbone), metadata.preprocessing)
+        model = model_class(VisionTransformer(metadata.backbone), metadata.preprocessing)
     model.provenance = dict(metadata.provenance)
     training_images = _training_images(path, metadata, tensors)  # takes its tensors out of `tensors`
     if training_images is not None:

@@ -19,41 +19,23 @@ has the measurements). Two scores, picked by `method`:
 
 The gate is a plain object, not an `nn.Module`, so its tensors stay out of `Model.state_dict()` (the
 training checkpoints, the feature cache's fingerprint); `model_file.save` writes them under `ood.`
-and its description (`GateInfo`) in the metadata. Fitting a gate from a model's images (which
-needs the datasets and the splits the model was trained on) is `mvit.evaluate.gate`.
+and its description (`GateInfo`) in the metadata. Fitting a gate (on features, or from a model's
+images, which needs the datasets and the splits the model was trained on) is `mvit.evaluate.gate`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal, Mapping, Optional, Sequence, Union
+from typing import Literal, Mapping, Optional, Union
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from mvit.errors import ConfigError, MvitError
+from mvit.errors import ConfigError
 
 METHODS = ("knn", "mahalanobis")
-# chosen by measurement: see docs/prediction.md, "Out-of-distribution gate"
-DEFAULT_METHOD = "mahalanobis"
-DEFAULT_LAYER = "middle"  # the block halfway up the backbone; "pooled" (None) is the heads' feature
-DEFAULT_K = 10
-DEFAULT_ACCEPT = 0.95
-
-
-@dataclass(frozen=True)
-class GateRecipe:
-    """How a gate is fitted (`mvit.evaluate.gate.fit_gate`): its scoring method, the share of
-    in-distribution validation images it accepts, k for knn, and the backbone feature it reads
-    ("middle", "pooled" / None, or a block number)."""
-
-    method: str = DEFAULT_METHOD
-    accept: float = DEFAULT_ACCEPT
-    k: int = DEFAULT_K
-    layer: Union[None, int, str] = DEFAULT_LAYER
+DEFAULT_K = 10  # knn: the neighbour whose distance is the score
 TENSOR_PREFIX = "ood."
 _TENSORS = {"knn": ("bank",), "mahalanobis": ("mean", "precision")}
 _CHUNK = 1024  # feature rows scored at once: keeps the (rows, bank) similarity matrix small
@@ -182,56 +164,3 @@ def mahalanobis_scores(features: Tensor, mean: Tensor, precision: Tensor) -> Ten
     centred = features - mean  # (B, D)
     squared = ((centred @ precision) * centred).sum(dim=1)  # (B,)
     return squared.clamp_min(0).sqrt()
-
-
-def fit_tensors(train_features: Tensor, method: str) -> dict[str, Tensor]:
-    """Training features (N, D) -> the tensors of a `method` gate."""
-    if method == "knn":
-        # rounded to float16 now, so the threshold is chosen with exactly the bank the file will hold
-        return {"bank": F.normalize(train_features.float(), dim=1).half().float()}  # (N, D)
-    from sklearn.covariance import LedoitWolf
-
-    estimate = LedoitWolf().fit(train_features.double().numpy())  # shrinkage keeps a D > N covariance invertible
-    return {
-        "mean": torch.from_numpy(estimate.location_).float(),  # (D,)
-        "precision": torch.from_numpy(estimate.precision_).float(),  # (D, D)
-    }
-
-
-def fit_gate_on_features(
-    train_features: Tensor,
-    valid_features: Tensor,
-    *,
-    method: str = DEFAULT_METHOD,
-    accept: float = DEFAULT_ACCEPT,
-    k: int = DEFAULT_K,
-    datasets: Sequence[str] = (),
-    layer: Optional[int] = None,
-) -> OODGate:
-    """A gate from training features (N, D) and a threshold that accepts `accept` of validation features (M, D).
-
-    layer: which feature these are (None: pooled; N: mean patch token after block N), recorded so
-    prediction computes the same one."""
-    check_options(method, accept, k)
-    if len(train_features) < 2 or len(valid_features) == 0:
-        raise MvitError(
-            f"an out-of-distribution gate needs at least 2 training and 1 validation image, "
-            f"got {len(train_features)} and {len(valid_features)}"
-        )
-    info = GateInfo(method=method, threshold=0.0, quantile=accept, k=k if method == "knn" else None, layer=layer,
-                    train_images=len(train_features), valid_images=len(valid_features), datasets=list(datasets))
-    gate = OODGate(info, fit_tensors(train_features.cpu(), method))
-    scores = gate.score(valid_features.cpu()).numpy()  # (M,)
-    # "higher": the threshold is one of the scores, and at least `accept` of them are <= it
-    threshold = float(np.quantile(scores, accept, method="higher"))
-    gate.info = info.model_copy(update={"threshold": threshold})
-    return gate
-
-
-def check_options(method: str, accept: float, k: int) -> None:
-    if method not in METHODS:
-        raise ConfigError(f"unknown out-of-distribution method {method!r}; choose one of {', '.join(METHODS)}")
-    if not 0 < accept <= 1:
-        raise ConfigError(f"--accept is the fraction of validation images to accept, between 0 and 1; got {accept}")
-    if k < 1:
-        raise ConfigError(f"k must be at least 1, got {k}")

@@ -5,7 +5,7 @@ Shapes: B images, C channels, H x W pixels, P patch size, N = (H/P)(W/P) patches
 
 The architecture follows timm's `VisionTransformer` as DeiT uses it (pre-norm blocks, fused qkv with
 bias, exact GELU, LayerNorm eps 1e-6, class-token pooling) so DeiT weights load exactly; the
-parameter names are mvit's own, and `mvit.nn.weights` maps between the two.
+parameter names are mvit's own, and `mvit.core.weights` maps between the two.
 
 One file over 300 lines on purpose: the whole transformer, from patches to the pooled feature, reads
 top to bottom in one place, as nanoGPT's model.py does.
