@@ -202,3 +202,33 @@ def test_the_signature_check_finds_a_crowded_function(tmp_path):
     (root / "cli").mkdir()
     (root / "cli" / "predict.py").write_text("def command(a, b, c, d, e, f, g, h, i):\n    pass\n")
     assert crowded_signatures(root) == ["mvit.infer.predict.predict (9)"]
+
+
+LONGEST_BODY = 60  # lines of a function's body (its signature and docstring not counted)
+
+
+def long_functions(root: Path) -> list[str]:
+    """Functions whose body is over LONGEST_BODY lines and whose docstring does not begin a
+    paragraph with "Long on purpose" and say why."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                docstring = ast.get_docstring(node) or ""
+                body = node.body[1:] if docstring else node.body
+                lines = node.end_lineno - body[0].lineno + 1 if body else 0
+                if lines > LONGEST_BODY and "Long on purpose:" not in docstring:
+                    found.append(f"{module_name(path, root)}.{node.name} ({lines} lines)")
+    return found
+
+
+def test_no_function_body_is_over_sixty_lines_without_saying_why():
+    assert long_functions(PACKAGE) == []
+
+
+def test_the_length_check_finds_a_long_function(tmp_path):
+    root = tmp_path / "mvit"
+    root.mkdir()
+    body = "".join(f"    x{k} = {k}\n" for k in range(LONGEST_BODY + 1))
+    (root / "long.py").write_text(f"def silent():\n{body}\n\ndef explained():\n    \"\"\"Long on purpose: a table.\"\"\"\n{body}")
+    assert long_functions(root) == [f"mvit.long.silent ({LONGEST_BODY + 1} lines)"]

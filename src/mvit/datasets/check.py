@@ -73,33 +73,10 @@ def check_dataset(name: str, root: Path | str, *, seed: int = splits.DEFAULT_SEE
     groups = _groups_across(by_split) if spec.official_splits else []
     isic_ids = _isic_ids_across(by_split, duplicates)
 
-    errors = []
-    if missing:
-        errors.append(_sentence(f"{count(len(missing), 'label row')} without {'its image' if len(missing) == 1 else 'their image'}", missing))
-    if unreadable:
-        errors.append(_sentence(f"{count(len(unreadable), 'image')} that {'does' if len(unreadable) == 1 else 'do'} not decode", [f"{b.path} ({b.error})" for b in unreadable]))
-    if empty:
-        errors.append(f"the split(s) {', '.join(empty)} have no images")
-    warnings = []
-    if unlabelled:
-        warnings.append(_sentence(f"{count(len(unlabelled), 'image')} without a label, ignored", unlabelled))
-    if dropped_augmented:
-        warnings.append(_sentence(f"{count(len(dropped_augmented), 'augmented copy', 'augmented copies')} in evaluation splits, left out", dropped_augmented))
-    if duplicates:
-        warnings.append(
-            _sentence(f"{count(len(duplicates), 'image')} identical across splits; training leaves out its copies",
-                      [" = ".join(d) for d in duplicates])
-        )
-    if groups:
-        warnings.append(_sentence(f"{count(len(groups), 'group')} with images in more than one split", groups))
-    if isic_ids:
-        warnings.append(_sentence(
-            f"{count(len(isic_ids), 'ISIC id')} in more than one split (copies of one image, resized or re-encoded); "
-            "training leaves out its copies", isic_ids))
-    return CheckReport(
+    report = CheckReport(
         dataset=name,
         root=str(root),
-        usable=not errors,
+        usable=True,
         images=len(present),
         counts=counts,
         augmented=augmented,
@@ -111,9 +88,41 @@ def check_dataset(name: str, root: Path | str, *, seed: int = splits.DEFAULT_SEE
         groups_across_splits=groups,
         isic_ids_across_splits=isic_ids,
         empty_splits=empty,
-        errors=errors,
-        warnings=warnings,
+        errors=[],
+        warnings=[],
     )
+    errors, warnings = _sentences(report)
+    return report.model_copy(update={"usable": not errors, "errors": errors, "warnings": warnings})
+
+
+def _sentences(report: CheckReport) -> tuple[list[str], list[str]]:
+    """What the report's findings say: (errors, which make the dataset unusable; warnings)."""
+    errors, warnings = [], []
+    missing, unreadable = report.missing_images, report.unreadable_images
+    if missing:
+        errors.append(_sentence(f"{count(len(missing), 'label row')} without {'its image' if len(missing) == 1 else 'their image'}", missing))
+    if unreadable:
+        errors.append(_sentence(f"{count(len(unreadable), 'image')} that {'does' if len(unreadable) == 1 else 'do'} not decode", [f"{b.path} ({b.error})" for b in unreadable]))
+    if report.empty_splits:
+        errors.append(f"the split(s) {', '.join(report.empty_splits)} have no images")
+    unlabelled, dropped_augmented = report.unlabelled_images, report.augmented_in_evaluation
+    if unlabelled:
+        warnings.append(_sentence(f"{count(len(unlabelled), 'image')} without a label, ignored", unlabelled))
+    if dropped_augmented:
+        warnings.append(_sentence(f"{count(len(dropped_augmented), 'augmented copy', 'augmented copies')} in evaluation splits, left out", dropped_augmented))
+    duplicates, groups, isic_ids = report.duplicates_across_splits, report.groups_across_splits, report.isic_ids_across_splits
+    if duplicates:
+        warnings.append(
+            _sentence(f"{count(len(duplicates), 'image')} identical across splits; training leaves out its copies",
+                      [" = ".join(d) for d in duplicates])
+        )
+    if groups:
+        warnings.append(_sentence(f"{count(len(groups), 'group')} with images in more than one split", groups))
+    if isic_ids:
+        warnings.append(_sentence(
+            f"{count(len(isic_ids), 'ISIC id')} in more than one split (copies of one image, resized or re-encoded); "
+            "training leaves out its copies", isic_ids))
+    return errors, warnings
 
 
 def _inspect(paths: list[Path]) -> tuple[dict[Path, str], list[BadImage]]:

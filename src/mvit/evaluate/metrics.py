@@ -32,16 +32,10 @@ def classification_metrics(
         brier_score_loss,
         confusion_matrix,
         precision_recall_fscore_support,
-        roc_auc_score,
     )
 
-    probabilities = np.asarray(probabilities, dtype=np.float64)
-    # float32 softmax rows sum to 1 only within ~1e-7, which sklearn's probability checks reject
-    probabilities = probabilities / probabilities.sum(axis=1, keepdims=True)
-    targets = np.asarray(targets, dtype=np.int64)
     K = len(classes)
-    if probabilities.ndim != 2 or probabilities.shape != (len(targets), K) or len(targets) == 0:
-        raise ValueError(f"need probabilities (N, {K}) and targets (N,) with N > 0, got {probabilities.shape} and {targets.shape}")
+    probabilities, targets = _checked(probabilities, targets, K)
     positive_at = positive_index(classes, positive)
     if positive_at is not None and threshold is None:
         threshold = 0.5
@@ -53,29 +47,47 @@ def classification_metrics(
         "accuracy": float(accuracy_score(targets, predicted)),
         "balanced_accuracy": _balanced_accuracy(targets, predicted),
         "macro_f1": float(np.mean(f1)),
-        "roc_auc": None,
+        "roc_auc": _roc_auc(probabilities, targets, positive_at),
         "ece": expected_calibration_error(probabilities, targets),
         "brier": float(brier_score_loss(targets, probabilities, labels=labels)),
     }
-    present = np.unique(targets)
     if positive_at is not None:
         metrics["threshold"] = float(threshold)
         metrics["sensitivity"] = float(recall[positive_at]) if support[positive_at] else None
         negative = 1 - positive_at
         metrics["specificity"] = float(recall[negative]) if support[negative] else None
-        if len(present) == 2:
-            metrics["roc_auc"] = float(roc_auc_score(targets == positive_at, probabilities[:, positive_at]))
-    elif len(present) == K:
-        if K == 2:
-            metrics["roc_auc"] = float(roc_auc_score(targets, probabilities[:, 1]))
-        else:
-            metrics["roc_auc"] = float(roc_auc_score(targets, probabilities, multi_class="ovr", average="macro", labels=labels))
     metrics["per_class"] = {
         name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
         for name, p, r, f, s in zip(classes, precision, recall, f1, support)
     }
     metrics["confusion_matrix"] = confusion_matrix(targets, predicted, labels=labels).tolist()
     return metrics
+
+
+def _checked(probabilities, targets, K: int) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities (N, K) as float64 rows summing to 1 and targets (N,) as int64, or ValueError."""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    # float32 softmax rows sum to 1 only within ~1e-7, which sklearn's probability checks reject
+    probabilities = probabilities / probabilities.sum(axis=1, keepdims=True)
+    targets = np.asarray(targets, dtype=np.int64)
+    if probabilities.ndim != 2 or probabilities.shape != (len(targets), K) or len(targets) == 0:
+        raise ValueError(f"need probabilities (N, {K}) and targets (N,) with N > 0, got {probabilities.shape} and {targets.shape}")
+    return probabilities, targets
+
+
+def _roc_auc(probabilities: np.ndarray, targets: np.ndarray, positive_at: Optional[int]) -> Optional[float]:
+    """ROC AUC of the positive class for a binary head with one, else one-vs-rest macro; None when
+    a class it needs is absent from `targets`."""
+    from sklearn.metrics import roc_auc_score
+
+    K, present = probabilities.shape[1], np.unique(targets)
+    if positive_at is not None:
+        return float(roc_auc_score(targets == positive_at, probabilities[:, positive_at])) if len(present) == 2 else None
+    if len(present) < K:
+        return None
+    if K == 2:
+        return float(roc_auc_score(targets, probabilities[:, 1]))
+    return float(roc_auc_score(targets, probabilities, multi_class="ovr", average="macro", labels=list(range(K))))
 
 
 def _balanced_accuracy(targets: np.ndarray, predicted: np.ndarray) -> float:

@@ -132,8 +132,6 @@ def evaluate_head(
 def _report(model: Model, head: str, info, spec, root, out, dataset: str, split: str, chosen, paths: list,
             shares: list) -> dict[str, Any]:
     """The metrics, predictions.csv and figures from every process's share of the logits, in input order."""
-    from mvit import plots
-
     items = chosen.items
     found = [batch for share, _ in shares for batch in share]
     rows = [index for positions, _, _ in found for index in positions]
@@ -187,6 +185,16 @@ def _report(model: Model, head: str, info, spec, root, out, dataset: str, split:
     _write_predictions(out / "predictions.csv", [paths[index] for index in rows], info.classes, targets, predicted,
                        probabilities, scores, model.ood_gate)
 
+    _figures(out, metrics, info, raw, probabilities, targets)
+    return metrics
+
+
+def _figures(out: Path, metrics: dict, info, raw: np.ndarray, probabilities: np.ndarray, targets: np.ndarray) -> None:
+    """The report's figures: confusion matrix, ROC (with the operating point of a binary head),
+    confidence, and reliability before (`raw`, (N, K)) and after temperature scaling."""
+    from mvit import plots
+
+    positive = metrics["positive"]
     plots.confusion_matrix_figure(metrics["confusion_matrix"], info.classes, out / "confusion_matrix.png")
     operating_point = None
     if positive is not None and metrics["sensitivity"] is not None and metrics["specificity"] is not None:
@@ -198,7 +206,6 @@ def _report(model: Model, head: str, info, spec, root, out, dataset: str, split:
     plots.reliability_figure(
         reliability_bins(raw, targets), reliability_bins(probabilities, targets), out / "reliability.png", temperature=info.temperature
     )
-    return metrics
 
 
 def ood_report(

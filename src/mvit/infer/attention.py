@@ -129,6 +129,31 @@ def _scaled(image: Image.Image, max_size: Optional[int]) -> Image.Image:
     return image.resize((max(1, round(image.width * factor)), max(1, round(image.height * factor))), Image.BICUBIC)
 
 
+def _class_picker(model: Model, head: Optional[str], target: Optional[str],
+                  threshold: Optional[float]) -> Optional[Callable[[Tensor], Tensor]]:
+    """Which class each image's class-specific map explains: logits (B, K) -> class indices (B,).
+    `target` for every image, else the head's own decision as `predict` makes it; None without a head."""
+    if head is None:
+        if target is not None:
+            raise ConfigError("a target class needs a head to take it from; pass head=NAME")
+        return None
+    model.select_heads(head)
+    info = model.heads[head]
+    if target is not None:
+        if target not in info.classes:
+            raise ConfigError(f"head {head} has no class {target!r}; its classes are {', '.join(info.classes)}")
+        chosen = info.classes.index(target)
+        return lambda logits: torch.full((len(logits),), chosen, device=logits.device)
+    positive = info.positive_index
+    decision_threshold = thresholds_for(model.heads, [head], threshold if info.is_binary else None)[head]
+
+    def decision(logits: Tensor) -> Tensor:
+        probabilities = calibrated(logits.float(), info).cpu().numpy()  # (B, K)
+        return torch.as_tensor(decide(probabilities, positive, decision_threshold), device=logits.device)
+
+    return decision
+
+
 def attention_maps(
     model: Model,
     images: ImageInput,
@@ -147,26 +172,8 @@ def attention_maps(
     Raises `ImageError` naming the first input that cannot be read.
     """
     items = image_list(images)
-    pick = None
-    if head is not None:
-        model.select_heads(head)
-        info = model.heads[head]
-        if target is not None:
-            if target not in info.classes:
-                raise ConfigError(f"head {head} has no class {target!r}; its classes are {', '.join(info.classes)}")
-            chosen = info.classes.index(target)
-
-            def pick(logits: Tensor) -> Tensor:  # the class asked for, for every image
-                return torch.full((len(logits),), chosen, device=logits.device)
-        else:
-            positive = info.positive_index
-            decision_threshold = thresholds_for(model.heads, [head], threshold if info.is_binary else None)[head]
-
-            def pick(logits: Tensor) -> Tensor:  # the head's own decision, as `predict` makes it
-                probabilities = calibrated(logits.float(), info).cpu().numpy()  # (B, K)
-                return torch.as_tensor(decide(probabilities, positive, decision_threshold), device=logits.device)
-    elif target is not None:
-        raise ConfigError("a target class needs a head to take it from; pass head=NAME")
+    pick = _class_picker(model, head, target, threshold)
+    info = model.heads[head] if head is not None else None
     model.eval()
     device = model.device
     transform = eval_transform(model.preprocessing)
