@@ -18,8 +18,6 @@ through, so a new command inherits it. Anything else is a bug in mvit and keeps 
 from __future__ import annotations
 
 import errno
-import functools
-import gc
 import os
 import re
 import sys
@@ -33,6 +31,7 @@ from typer._click import exceptions as click_errors  # typer >= 0.26 carries its
 from mvit.cli import adapt, data, evaluate, export, predict, serve, train
 from mvit.cli.output import error_line
 from mvit.errors import DiskFull, MvitError, Terminated
+from mvit.runtime.startup import fast_start
 
 app = typer.Typer(
     name="mvit",
@@ -43,43 +42,17 @@ app = typer.Typer(
 )
 
 
-def _runs_a_model(command):
-    """`command`, one that loads a model and runs it, set up for a fast start (the output is the same):
-
-    - Python's cyclic garbage collector is off until `load_model` has loaded the model. Importing
-      torch makes a few hundred thousand long-lived objects, and each full collection meanwhile
-      scans them all again (about a second of a cold start, for nothing: they are all alive).
-      `load_model` then freezes them, which also spares every later collection and the one at exit,
-      and turns the collector back on; a command that fails before turns it on here.
-    - OpenMP's threads sleep between operations instead of spinning (OMP_WAIT_POLICY=PASSIVE, unless
-      the environment sets it; read when torch is imported, which the command does). Spinning threads
-      take the cores from the thread that has the work when the machine is busy: one image's forward
-      took 1.3 s instead of 0.03 s on two busy cores, a batch of 32 twice as long.
-    """
-
-    @functools.wraps(command)
-    def run(*args, **kwargs):
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        gc.disable()
-        try:
-            return command(*args, **kwargs)
-        finally:
-            gc.enable()
-
-    return run
-
-
 # in this order in `mvit --help` (groups come after the commands)
-app.command("predict")(_runs_a_model(predict.predict_command))
-app.command("attention")(_runs_a_model(predict.attention_command))
-app.command("evaluate")(_runs_a_model(evaluate.evaluate_command))
-app.command("calibrate")(_runs_a_model(evaluate.calibrate_command))
-app.command("adapt")(_runs_a_model(adapt.adapt_command))
-app.command("info")(_runs_a_model(adapt.info_command))
+app.command("predict")(fast_start(predict.predict_command))
+app.command("attention")(fast_start(predict.attention_command))
+app.command("evaluate")(fast_start(evaluate.evaluate_command))
+app.command("calibrate")(fast_start(evaluate.calibrate_command))
+app.command("adapt")(fast_start(adapt.adapt_command))
+app.command("info")(fast_start(adapt.info_command))
 app.command("train")(train.train_command)
 app.command("extract")(train.extract_command)
-app.command("export")(_runs_a_model(export.export_command))
-app.command("serve")(_runs_a_model(serve.serve_command))
+app.command("export")(fast_start(export.export_command))
+app.command("serve")(fast_start(serve.serve_command))
 app.add_typer(data.plugins_app, name="plugins")
 app.add_typer(data.data_app, name="data")
 

@@ -6,7 +6,6 @@ torch and the inference modules are imported inside `load_model` only, so import
 
 from __future__ import annotations
 
-import gc
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -15,6 +14,7 @@ import typer
 
 from mvit.errors import MvitError
 from mvit.runtime.precision import PRECISIONS
+from mvit.runtime.startup import model_loaded
 
 PrecisionChoice = Enum("PrecisionChoice", {name: name for name in PRECISIONS}, type=str)
 
@@ -53,10 +53,7 @@ def load_model(model_file: Optional[Path], device: str, site: Optional[str] = No
     if chosen.type == "cuda" and not torch.cuda.is_available():
         raise MvitError(f"device {device!r} asked for, but PyTorch sees no CUDA GPU here; use --device cpu")
     model = model_files.load(model_file, device=chosen).with_site(site)  # None: the bundled model
-    # start-up is over: what it made (torch's modules above all) lives as long as the process, so the
-    # collector need not scan it again; it was off until now (see `_runs_a_model` in app.py), and comes back on here
-    gc.freeze()
-    gc.enable()
+    model_loaded()  # the collector was off since the command started (runtime.startup.fast_start)
     return model
 
 
