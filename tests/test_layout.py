@@ -170,6 +170,14 @@ def test_the_checks_find_a_wrong_way_import_and_a_cycle(toy_package):
     assert import_cycles(graph) == [["mvit.infer.attention", "mvit.infer.predict"]]
 
 
+def functions(root: Path):
+    """(file, function or method node) for every function defined under `root`."""
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                yield path, node
+
+
 MOST_PARAMETERS = 8  # beyond, settings travel together (RunOptions, GateRecipe, AdaptOptions), not one by one
 
 
@@ -177,16 +185,13 @@ def crowded_signatures(root: Path) -> list[str]:
     """Public functions and methods (not the command line's commands, whose options are their
     parameters) that take more than MOST_PARAMETERS named parameters, `self` not counted."""
     found = []
-    for path in sorted(root.rglob("*.py")):
-        if path.relative_to(root).parts[0] == "cli":
-            continue
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not node.name.startswith("_"):
-                arguments = node.args
-                names = [a.arg for a in (*arguments.posonlyargs, *arguments.args, *arguments.kwonlyargs)]
-                count = len(names) - (names[:1] in (["self"], ["cls"]))
-                if count > MOST_PARAMETERS:
-                    found.append(f"{module_name(path, root)}.{node.name} ({count})")
+    for path, node in functions(root):
+        if path.relative_to(root).parts[0] != "cli" and not node.name.startswith("_"):
+            arguments = node.args
+            names = [a.arg for a in (*arguments.posonlyargs, *arguments.args, *arguments.kwonlyargs)]
+            count = len(names) - (names[:1] in (["self"], ["cls"]))
+            if count > MOST_PARAMETERS:
+                found.append(f"{module_name(path, root)}.{node.name} ({count})")
     return found
 
 
@@ -211,14 +216,12 @@ def long_functions(root: Path) -> list[str]:
     """Functions whose body is over LONGEST_BODY lines and whose docstring does not begin a
     paragraph with "Long on purpose" and say why."""
     found = []
-    for path in sorted(root.rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                docstring = ast.get_docstring(node) or ""
-                body = node.body[1:] if docstring else node.body
-                lines = node.end_lineno - body[0].lineno + 1 if body else 0
-                if lines > LONGEST_BODY and "Long on purpose:" not in docstring:
-                    found.append(f"{module_name(path, root)}.{node.name} ({lines} lines)")
+    for path, node in functions(root):
+        docstring = ast.get_docstring(node) or ""
+        body = node.body[1:] if docstring else node.body
+        lines = node.end_lineno - body[0].lineno + 1 if body else 0
+        if lines > LONGEST_BODY and "Long on purpose:" not in docstring:
+            found.append(f"{module_name(path, root)}.{node.name} ({lines} lines)")
     return found
 
 

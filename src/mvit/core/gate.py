@@ -25,6 +25,7 @@ images, which needs the datasets and the splits the model was trained on) is `mv
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal, Mapping, Optional, Union
 
 import torch
@@ -35,7 +36,25 @@ from torch import Tensor
 from mvit.errors import ConfigError
 
 METHODS = ("knn", "mahalanobis")
+# chosen by measurement: see docs/prediction.md, "Out-of-distribution gate"
+DEFAULT_METHOD = "mahalanobis"
+DEFAULT_LAYER = "middle"  # the block halfway up the backbone; "pooled" (None) is the heads' feature
+DEFAULT_ACCEPT = 0.95
 DEFAULT_K = 10  # knn: the neighbour whose distance is the score
+
+
+@dataclass(frozen=True)
+class GateRecipe:
+    """How a gate is fitted (`mvit.evaluate.gate.fit_gate`): its scoring method, the share of
+    in-distribution validation images it accepts, k for knn, and the backbone feature it reads
+    ("middle", "pooled" / None, or a block number)."""
+
+    method: str = DEFAULT_METHOD
+    accept: float = DEFAULT_ACCEPT
+    k: int = DEFAULT_K
+    layer: Union[None, int, str] = DEFAULT_LAYER
+
+
 TENSOR_PREFIX = "ood."
 _TENSORS = {"knn": ("bank",), "mahalanobis": ("mean", "precision")}
 _CHUNK = 1024  # feature rows scored at once: keeps the (rows, bank) similarity matrix small

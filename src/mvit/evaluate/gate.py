@@ -7,7 +7,6 @@ validation images, split exactly as the model was trained (the settings its file
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
@@ -17,7 +16,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mvit.data.features import FeatureCache
-from mvit.core.gate import DEFAULT_K, METHODS, GateInfo, OODGate, backbone_pass, resolve_layer
+from mvit.core.gate import (
+    DEFAULT_ACCEPT,
+    DEFAULT_K,
+    DEFAULT_METHOD,
+    METHODS,
+    GateInfo,
+    GateRecipe,
+    OODGate,
+    backbone_pass,
+    resolve_layer,
+)
 from mvit.errors import ConfigError, MvitError
 from mvit.evaluate.evaluation_set import split_settings
 from mvit.infer.predict import image_batches
@@ -25,24 +34,6 @@ from mvit.runtime.options import RunOptions
 from mvit.runtime.precision import autocast, autocast_dtype
 from mvit.datasets import leakage, splits
 from mvit.registry import manager
-
-
-# chosen by measurement: see docs/prediction.md, "Out-of-distribution gate"
-DEFAULT_METHOD = "mahalanobis"
-DEFAULT_LAYER = "middle"  # the block halfway up the backbone; "pooled" (None) is the heads' feature
-DEFAULT_ACCEPT = 0.95
-
-
-@dataclass(frozen=True)
-class GateRecipe:
-    """How a gate is fitted (`mvit.evaluate.gate.fit_gate`): its scoring method, the share of
-    in-distribution validation images it accepts, k for knn, and the backbone feature it reads
-    ("middle", "pooled" / None, or a block number)."""
-
-    method: str = DEFAULT_METHOD
-    accept: float = DEFAULT_ACCEPT
-    k: int = DEFAULT_K
-    layer: Union[None, int, str] = DEFAULT_LAYER
 
 
 def fit_tensors(train_features: Tensor, method: str) -> dict[str, Tensor]:

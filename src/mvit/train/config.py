@@ -14,7 +14,7 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mvit.core import model_file
-from mvit.evaluate import gate
+from mvit.core import gate
 from mvit.core.preprocessing import Preprocessing
 from mvit.data.transforms import Augmentation
 from mvit.errors import ConfigError, MvitError

@@ -14,8 +14,7 @@ from mvit.evaluate.calibration import choose_threshold, fit_temperature
 from mvit.evaluate.gate import fit_gate
 from mvit.evaluate.metrics import classification_metrics
 from mvit.core.model import Model
-from mvit.core.gate import OODGate
-from mvit.evaluate.gate import GateRecipe
+from mvit.core.gate import GateRecipe, OODGate
 from mvit.runtime.options import RunOptions
 from mvit.errors import ConfigError
 from mvit.train.config import CalibrationConfig, TrainConfig
