@@ -37,8 +37,8 @@ def run(root: Path, output: Path, backbone: str, epochs: int, augmented: bool) -
         "preprocessing": {"image_size": 224},
         "augmentation": augmentation if augmented else {"enabled": False},
         "unfreeze": {"mode": "none"},
-        "training": {"epochs": epochs, "batch_size": 16, "workers": 0, "device": "cpu", "early_stopping": None,
-                     "feature_cache": str(output.parent / "features.h5")},
+        "training": {"epochs": epochs, "batch_size": 16, "early_stopping": None},
+        "runtime": {"workers": 0, "device": "cpu", "feature_cache": str(output.parent / "features.h5")},
     })
     Trainer(config).run()
     return [json.loads(line)["seconds"] for line in (output / "metrics.jsonl").read_text().splitlines()]

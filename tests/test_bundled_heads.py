@@ -127,7 +127,7 @@ def test_the_documented_example_adds_heads_to_the_bundled_model(tmp_path, capsys
     checked = run_mvit("data", "check", "mydata", "--root", str(tmp_path / "data" / "mydata"), env=env)
     assert checked.code == 0, checked.stderr
     trained = run_mvit("train", str(config), "--epochs", "2", "--device", "cpu", "--set", "training.batch_size=8",
-                       "--set", "training.workers=0", env=env, timeout=300)
+                       "--set", "runtime.workers=0", env=env, timeout=300)
     assert trained.code == 0, trained.stderr
     warned = [line for line in trained.stderr.splitlines() if line.startswith("warning: ")]
     assert not [line for line in warned if "preprocessing" in line or "dropped" in line or "px" in line], warned

@@ -334,7 +334,7 @@ def test_nan_features_in_the_cache_never_reach_the_training_metrics(tmp_path, ex
     _, root = extract_config
     cache = tmp_path / "features.h5"
     layers = {"unfreeze": {"mode": "gradual", "frozen_epochs": 1}, "augmentation": {"enabled": False},
-              "training": {"epochs": 1, "feature_cache": str(cache)}}
+              "training": {"epochs": 1}, "runtime": {"feature_cache": str(cache)}}
     training.train(tiny_run_config(root, tmp_path / "first", layers))
     with h5py.File(cache, "r+") as file:
         for group in file.values():

@@ -232,9 +232,11 @@ def test_a_config_that_is_not_utf8_is_one_sentence(config_file, capsys, monkeypa
 
 
 @pytest.mark.parametrize("setting, words", [
+    ("runtime.workers=-1", ["--set runtime.workers=-1", "runtime.workers", "0", "auto"]),
+    ('runtime.device="tpu"', ["runtime.device", "'tpu' is not a device", "cpu"]),
+    ('runtime.device="cuda:x"', ["runtime.device", "not a device"]),
+    # written where configs before [runtime] had it: still read, and named as written
     ("training.workers=-1", ["--set training.workers=-1", "training.workers", "0", "auto"]),
-    ('training.device="tpu"', ["training.device", "'tpu' is not a device", "cpu"]),
-    ('training.device="cuda:x"', ["training.device", "not a device"]),
 ])
 def test_training_settings_are_checked_when_the_config_is_read(config_file, capsys, monkeypatch, setting, words):
     for command in ("train", "extract"):
@@ -243,10 +245,10 @@ def test_training_settings_are_checked_when_the_config_is_read(config_file, caps
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a host without a CUDA GPU")
 def test_cuda_on_a_host_without_a_gpu_is_one_sentence_naming_the_field(config_file, capsys, monkeypatch):
-    done = call_mvit(capsys, monkeypatch, "train", str(config_file), "--set", 'training.device="cuda"')
-    _one_sentence(done, "training.device", "CUDA GPU", "use cpu")
+    done = call_mvit(capsys, monkeypatch, "train", str(config_file), "--set", 'runtime.device="cuda"')
+    _one_sentence(done, "runtime.device", "CUDA GPU", "use cpu")
     done = call_mvit(capsys, monkeypatch, "train", str(config_file), "--device", "cuda:1")
-    _one_sentence(done, "training.device")
+    _one_sentence(done, "runtime.device")
 
 
 class _DictsPlugin:

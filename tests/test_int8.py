@@ -42,8 +42,8 @@ def probabilities(predictions) -> np.ndarray:
 
 def test_int8_is_a_prediction_choice_but_not_a_training_one():
     assert "int8" in PRECISIONS
-    raw = {"output": "runs/x", "datasets": [{"name": "dermmel", "root": "data"}], "training": {"precision": "int8"}}
-    with pytest.raises(ConfigError, match="training.precision"):
+    raw = {"output": "runs/x", "datasets": [{"name": "dermmel", "root": "data"}], "runtime": {"precision": "int8"}}
+    with pytest.raises(ConfigError, match="runtime.precision"):
         validate_config(raw)
 
 

@@ -76,7 +76,8 @@ def config(root, output, **dataset):
                      "num_heads": 2, "drop_path": 0.0},
         "preprocessing": {"image_size": 32, "crop_fraction": 1.0},
         "unfreeze": {"mode": "all"},
-        "training": {"epochs": 1, "batch_size": 8, "workers": 0, "device": "cpu", "early_stopping": None},
+        "training": {"epochs": 1, "batch_size": 8, "early_stopping": None},
+        "runtime": {"workers": 0, "device": "cpu"},
         "calibration": {"ood_gate": {"enabled": False}},
     })
 
@@ -124,7 +125,7 @@ def test_mvit_train_refuses_with_one_sentence_for_an_installed_plugin(root, tmp_
     fake_distribution(site, "mvit-toyderm", {"toyderm": "mvit_toyderm"}, {"mvit_toyderm": PLUGIN_MODULE})
     path = tmp_path / "train.toml"
     path.write_text(f'output = "run"\n[[datasets]]\nname = "toyderm"\nroot = "{root}"\n'
-                    f'[training]\ndevice = "cpu"\nepochs = 1\n')
+                    f'[training]\nepochs = 1\n[runtime]\ndevice = "cpu"\n')
     run = run_mvit("train", str(path), env={"PYTHONPATH": str(site)})
     assert run.code == 2, run.stderr
     lines = run.stderr.strip().splitlines()

@@ -203,8 +203,8 @@ def test_overrides_and_relative_paths(tmp_path):
     path = tmp_path / "configs" / "c.toml"
     path.parent.mkdir()
     path.write_text('output = "../runs/x"\n[[datasets]]\nname = "ph2"\nroot = "data/ph2"\n[backbone]\ninit = "m.safetensors"\n')
-    config = load_config(path, ["training.epochs=7", "training.device=cpu", "datasets.0.fold=2"])
-    assert config.training.epochs == 7 and config.training.device == "cpu" and config.datasets[0].fold == 2
+    config = load_config(path, ["training.epochs=7", "runtime.device=cpu", "datasets.0.fold=2"])
+    assert config.training.epochs == 7 and config.runtime.device == "cpu" and config.datasets[0].fold == 2
     with pytest.raises(ConfigError, match="no '3'"):
         load_config(path, ["datasets.3.root=x"])
     assert config.datasets[0].root == tmp_path / "configs" / "data" / "ph2"

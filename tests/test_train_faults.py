@@ -41,7 +41,7 @@ def tiny_config(root, output, **sections):
 
 def config_file(folder: Path, root: Path, *, mode: str = "all", epochs: int = 2, workers: int = 0) -> Path:
     return write_tiny_config(folder / "config.toml", root, unfreeze={"mode": mode}, augmentation={"enabled": False},
-                             training={"epochs": epochs, "workers": workers, "early_stopping": 100})
+                             training={"epochs": epochs, "early_stopping": 100}, runtime={"workers": workers})
 
 
 def metrics(run: Path) -> list[dict]:
@@ -254,7 +254,7 @@ def test_a_bad_training_image_is_skipped_and_counted_when_asked(damaged_training
     folder, root, bad = damaged_training_image
     config = config_file(folder, root, mode="all", epochs=2, workers=2)
     run = folder / "skip"
-    result = run_mvit("train", str(config), "--output", str(run), "--set", "training.bad_images=skip")
+    result = run_mvit("train", str(config), "--output", str(run), "--set", "runtime.bad_images=skip")
     assert result.code == 0, result.stderr
     assert "Traceback" not in result.stderr
     said = " ".join(result.stderr.split())
@@ -271,7 +271,7 @@ def test_extract_follows_the_bad_image_policy(damaged_training_image, tmp_path):
     text = one_sentence(run_mvit("extract", str(config), "--cache", str(tmp_path / "stop.h5")))
     assert bad.name in text
     cache = tmp_path / "skip.h5"
-    result = run_mvit("extract", str(config), "--cache", str(cache), "--set", 'training.bad_images="skip"')
+    result = run_mvit("extract", str(config), "--cache", str(cache), "--set", 'runtime.bad_images="skip"')
     assert result.code == 0, result.stderr
     assert "left out 1 unreadable image" in " ".join(result.stderr.split())
     images = [p for p in (root / "DermMel").rglob("*") if p.suffix in (".jpg", ".jpeg")]

@@ -63,7 +63,8 @@ def make_learnable_ph2(parent: Path, per_class: int = 10) -> Path:
 TINY_SETTINGS = {
     "backbone": {"name": "deit_tiny_patch16_224", "init": "random", "patch_size": 8, "width": 32, "depth": 2, "num_heads": 2},
     "preprocessing": {"image_size": 32, "crop_fraction": 1.0},
-    "training": {"epochs": 1, "batch_size": 8, "workers": 0, "device": "cpu"},
+    "training": {"epochs": 1, "batch_size": 8},
+    "runtime": {"workers": 0, "device": "cpu"},
 }
 
 # what in-process training tests add: no drop path, fast constant learning rates, every block

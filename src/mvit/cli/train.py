@@ -17,7 +17,7 @@ def train_command(
     set_: list[str] = typer.Option([], "--set", help="Override a config field: --set training.epochs=5 (repeatable)."),
     epochs: int = typer.Option(None, help="Shortcut for --set training.epochs=N."),
     output: Path = typer.Option(None, help="Shortcut for --set output=DIR."),
-    device: str = typer.Option(None, help="Shortcut for --set training.device=NAME (auto, cpu, cuda, mps)."),
+    device: str = typer.Option(None, help="Shortcut for --set runtime.device=NAME (auto, cpu, cuda, mps)."),
 ) -> None:
     """Train heads (and fine-tune the backbone) on one or more datasets."""
     from mvit.train import trainer as train
@@ -36,7 +36,7 @@ def train_command(
     if output is not None:
         overrides.append(f'output="{output.absolute()}"')  # relative to where the user is, not the config
     if device is not None:
-        overrides.append(f'training.device="{device}"')
+        overrides.append(f'runtime.device="{device}"')
     settings = load_config(config, overrides)
     check_writable(Path(settings.output), "output folder (--output DIR)", folder=True)  # before any work
     train.train(settings, console=stderr)
@@ -44,15 +44,15 @@ def train_command(
 
 def extract_command(
     config: Path = typer.Argument(..., help="Training config (TOML) whose datasets, backbone and preprocessing to use."),
-    cache: Path = typer.Option(None, help="HDF5 feature cache (default: the config's training.feature_cache, else OUTPUT/features.h5)."),
+    cache: Path = typer.Option(None, help="HDF5 feature cache (default: the config's runtime.feature_cache, else OUTPUT/features.h5)."),
     set_: list[str] = typer.Option([], "--set", help="Override a config field (repeatable)."),
 ) -> None:
     """Fill the HDF5 feature cache with the backbone features of every image of the config's datasets."""
     from mvit.train.config import load_config
     from mvit.train.extract import extract
 
-    overrides = list(set_) + ([f'training.feature_cache="{cache.absolute()}"'] if cache is not None else [])
+    overrides = list(set_) + ([f'runtime.feature_cache="{cache.absolute()}"'] if cache is not None else [])
     settings = load_config(config, overrides)
-    target = settings.training.feature_cache or Path(settings.output) / "features.h5"
+    target = settings.runtime.feature_cache or Path(settings.output) / "features.h5"
     check_writable(Path(target), "place for the feature cache (--cache FILE)", folder=False)  # before any work
     extract(settings, console=stderr)

@@ -117,5 +117,5 @@ class BadImages:
         if not self.skipped:
             return ""
         count = len(self.skipped)
-        return (f"left out {count} unreadable image{'s' if count != 1 else ''} (training.bad_images = \"skip\"); "
+        return (f"left out {count} unreadable image{'s' if count != 1 else ''} (runtime.bad_images = \"skip\"); "
                 f"the first: {next(iter(self.skipped.values()))}")

@@ -92,7 +92,7 @@ class FeatureCache:
                 pass
         except OSError as error:
             raise MvitError(f"cannot write the feature cache {self.path}: {_reason(error)}; choose another place "
-                            f"for it (--cache, training.feature_cache or the run's output folder)") from None
+                            f"for it (--cache, runtime.feature_cache or the run's output folder)") from None
 
     # ---- reading ------------------------------------------------------------------------------
 

@@ -11,8 +11,9 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from mvit.core.model import Model
 
 
-def make_ema(model: Model, decay: float) -> Optional[AveragedModel]:
-    """An exponential moving average of the model's weights (PyTorch's own), or None (decay 0)."""
+def make_ema(model: Model, decay: Optional[float]) -> Optional[AveragedModel]:
+    """An exponential moving average of the model's weights (PyTorch's own), or None (off: decay
+    None, or 0 as configs wrote it before `false`)."""
     if not decay:
         return None
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)

@@ -44,7 +44,7 @@ def epoch_steps(tasks: list[Task], config: TrainConfig, epoch: int, processes: P
 
 def decoding_workers(config: TrainConfig, count: int, device: torch.device, processes: int) -> int:
     """The config's `workers`, or for "auto" the loader's choice for `count` images per process."""
-    workers = config.training.workers
+    workers = config.runtime.workers
     return loader_workers(count, config.training.batch_size, device, processes) if workers == "auto" else workers
 
 

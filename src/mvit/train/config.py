@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mvit.core import model_file
 from mvit.core import gate
@@ -21,8 +21,24 @@ from mvit.errors import ConfigError, MvitError
 from mvit.runtime.precision import TrainingPrecision, device_problem
 
 
+# settings of this machine that configs written before the [runtime] section kept in [training]
+# (and so do the config.json files of run folders started then, which --resume reads): still read there
+MOVED_TO_RUNTIME = ("device", "precision", "workers", "bad_images", "feature_cache")
+
 BUNDLED = "bundled"  # backbone.init: the model file that comes with mvit (mvit.load())
 NAMED_INITS = ("random", "timm", BUNDLED)  # every other value of backbone.init is a path
+
+
+def _false_is_off(value):
+    """`false` turns a setting off, the one spelling of "off" for every switch (TOML has no null;
+    booleans switch with true and false already); `true` names no value, so it is refused."""
+    if value is True:
+        raise ValueError("true is not a value for this setting: give a number, or false to turn it off")
+    return None if value is False else value
+
+
+# a setting that is a number or off (`false`; None in Python and in a run folder's config.json)
+OrOff = BeforeValidator(_false_is_off)
 
 
 class _Strict(BaseModel):
@@ -70,7 +86,7 @@ class OptimizerConfig(_Strict):
     layer_decay: float = Field(default=0.75, gt=0, le=1)
     weight_decay: float = Field(default=0.05, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: Optional[float] = Field(default=1.0, gt=0)
+    grad_clip: Annotated[Optional[float], OrOff] = Field(default=1.0, gt=0)  # false: no clipping
     warmup_epochs: float = Field(default=1.0, ge=0)
     schedule: Literal["cosine", "constant"] = "cosine"
     min_lr_fraction: float = Field(default=0.01, ge=0, le=1)
@@ -99,22 +115,29 @@ class TrainingConfig(_Strict):
     label_smoothing: float = Field(default=0.1, ge=0, lt=1)
     # an exponential moving average of the weights with this decay per step (e.g. 0.998), validated
     # every epoch beside the trained weights and kept as the best model when it scores higher
-    ema_decay: float = Field(default=0.0, ge=0, lt=1)  # 0: off (TOML has no null)
+    ema_decay: Annotated[Optional[float], OrOff] = Field(default=None, ge=0, lt=1)  # false: off (0, as configs wrote it before, too)
     best_metric: Literal["balanced_accuracy", "roc_auc", "accuracy", "loss"] = "balanced_accuracy"
-    early_stopping: Optional[int] = Field(default=10, ge=1)  # epochs without improvement; None: never stop
+    early_stopping: Annotated[Optional[int], OrOff] = Field(default=10, ge=1)  # epochs without improvement; false: never stop
     seed: int = 0
+    # how heads are fitted on a frozen backbone with no augmentation: "auto" in closed form (L2 logistic
+    # regression by L-BFGS, its strength chosen on validation loss; see train/linear_heads.py) where the
+    # heads are linear, else by epochs; "epochs" always by epochs of the optimiser
+    head_fit: Literal["auto", "closed_form", "epochs"] = "auto"
+
+
+class RuntimeConfig(_Strict):
+    """How this machine runs the recipe: none of it changes what the model learns, so it is not
+    recorded with the model's recipe, and a resumed run may change it (another device, more workers)."""
+
     device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
     precision: TrainingPrecision = "auto"  # not int8: that is for prediction only
     workers: Union[int, Literal["auto"]] = "auto"
     # an image that does not decode: "stop" the run with one sentence naming it, or "skip" it (left
     # out of its batch, of validation and of the feature cache; the count is reported each epoch)
     bad_images: Literal["stop", "skip"] = "stop"
-    # frozen backbone and no augmentation: read backbone features from this HDF5 cache
+    # frozen backbone and no augmentation: read backbone features from this HDF5 cache (default: the
+    # run folder's features.h5)
     feature_cache: Optional[Path] = None
-    # how heads are fitted on a frozen backbone with no augmentation: "auto" in closed form (L2 logistic
-    # regression by L-BFGS, its strength chosen on validation loss; see train/linear_heads.py) where the
-    # heads are linear, else by epochs; "epochs" always by epochs of the optimiser
-    head_fit: Literal["auto", "closed_form", "epochs"] = "auto"
 
     @field_validator("device")
     @classmethod
@@ -160,6 +183,11 @@ class TrainConfig(_Strict):
     unfreeze: UnfreezeConfig = Field(default_factory=UnfreezeConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    def recipe(self) -> dict:
+        """What a model file records of this run: everything but the machine's settings."""
+        return self.model_dump(mode="json", exclude={"runtime"})
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainConfig":
@@ -200,7 +228,7 @@ def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None) -
         raise ConfigError(f"{path} is not valid TOML: {error}") from None
     for item in overrides or []:
         _apply_override(raw, item)
-    overridden = {tuple(item.split("=", 1)[0].strip().split(".")): item for item in overrides or []}
+    overridden = {_override_key(item): item for item in overrides or []}
     # paths in a config are relative to the config file, so a config works from any folder
     base = path.resolve().parent
 
@@ -215,20 +243,23 @@ def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None) -
     backbone = raw.get("backbone")
     if isinstance(backbone, dict) and backbone.get("init") not in (None, *NAMED_INITS):
         backbone["init"] = anchored(backbone["init"])
-    training = raw.get("training")
-    if isinstance(training, dict) and training.get("feature_cache"):
-        training["feature_cache"] = anchored(training["feature_cache"])
+    for section in ("runtime", "training"):  # training: where configs before [runtime] kept it
+        settings = raw.get(section)
+        if isinstance(settings, dict) and settings.get("feature_cache"):
+            settings["feature_cache"] = anchored(settings["feature_cache"])
     return validate_config(raw, source=str(path), overridden=overridden)
 
 
 def validate_config(raw: dict, source: str = "the config", overridden: Optional[dict[tuple[str, ...], str]] = None) -> TrainConfig:
     """`overridden`: dotted key (split) -> the `--set` item that set it, so an error in a value given
     on the command line is attributed to that option, not to the config file."""
+    moved = _move_to_runtime(raw)
     try:
         config = TrainConfig.model_validate(raw)
     except ValidationError as error:
         first = error.errors()[0]
         loc = tuple(str(part) for part in first["loc"])
+        loc = moved.get(loc[:2], loc[:2]) + loc[2:]  # named as the config (or --set) wrote it
         where = ".".join(loc) or "(top level)"
         message = first["msg"].removeprefix("Value error, ")  # pydantic's prefix for our own sentences
         for key, item in (overridden or {}).items():
@@ -236,6 +267,23 @@ def validate_config(raw: dict, source: str = "the config", overridden: Optional[
                 raise ConfigError(f"--set {item}: {where}: {message}") from None
         raise ConfigError(f"{source}: {where}: {message}") from None
     return _with_init_preprocessing(config)
+
+
+def _move_to_runtime(raw: dict) -> dict[tuple[str, str], tuple[str, str]]:
+    """Moves the machine's settings an older config wrote in [training] to [runtime], in place;
+    returns where each moved one was written (runtime.X -> training.X), for error messages."""
+    training, runtime = raw.get("training"), raw.setdefault("runtime", {})
+    if not isinstance(training, dict) or not isinstance(runtime, dict):
+        return {}  # not a section: validation says so
+    moved = {}
+    for key in MOVED_TO_RUNTIME:
+        if key not in training:
+            continue
+        if key in runtime:
+            raise ConfigError(f"{key} is set both in [training] and in [runtime]; it belongs in [runtime] (runtime.{key}): remove training.{key}")
+        runtime[key] = training.pop(key)
+        moved[("runtime", key)] = ("training", key)
+    return moved
 
 
 def init_model_file(init: str) -> Optional[Path]:
@@ -270,15 +318,22 @@ def _with_init_preprocessing(config: TrainConfig) -> TrainConfig:
     return config
 
 
+def _override_key(item: str) -> tuple[str, ...]:
+    """The dotted key an override sets, split; a machine setting given the way configs before
+    [runtime] wrote it (training.device=cpu) sets runtime's, so it overrides what the config says."""
+    key = tuple(item.split("=", 1)[0].strip().split("."))
+    return ("runtime", key[1]) if len(key) == 2 and key[0] == "training" and key[1] in MOVED_TO_RUNTIME else key
+
+
 def _apply_override(raw: dict, item: str) -> None:
     if "=" not in item:
         raise ConfigError(f"--set {item}: an override must look like section.key=value")
-    key, text = item.split("=", 1)
+    text = item.split("=", 1)[1]
     try:
         value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         value = text
-    *parents, leaf = key.strip().split(".")
+    *parents, leaf = _override_key(item)
     node = raw
     for part in parents:  # sections by name, list entries by index: datasets.0.root
         if isinstance(node, list) and part.isdigit() and int(part) < len(node):

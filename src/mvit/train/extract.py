@@ -21,13 +21,13 @@ def extract(config: TrainConfig, *, console=None) -> Path:
     from rich.console import Console
 
     console = console or Console(stderr=True)
-    device = resolve_device(config.training.device, environment_local_rank())
+    device = resolve_device(config.runtime.device, environment_local_rank())
     with Processes.from_environment(device.type) as processes:  # a clean run leaves the group at the end
         say = (lambda message: console.print(message, highlight=False, markup=False)) if processes.main else (lambda message: None)
         tasks = build_tasks(config, say)
         model = build_model(config, tasks, say).to(device)
-        bad_images = BadImages(config.training.bad_images)  # "stop": one sentence naming the file; "skip": counted
-        cache = FeatureCache(config.training.feature_cache or Path(config.output) / "features.h5", warn=say, bad_images=bad_images)
+        bad_images = BadImages(config.runtime.bad_images)  # "stop": one sentence naming the file; "skip": counted
+        cache = FeatureCache(config.runtime.feature_cache or Path(config.output) / "features.h5", warn=say, bad_images=bad_images)
         if processes.main:
             cache.prepare()  # a cache that cannot be written is one sentence now, not after the first chunk
         processes.barrier()
@@ -36,7 +36,7 @@ def extract(config: TrainConfig, *, console=None) -> Path:
         with progress_bar(console, disable=not processes.main) as progress:
             bar = progress.add_task("extracting features", total=len(paths))
             computed = cache.extract(model.backbone, config.preprocessing, paths, device=device,
-                                     dtype=autocast_dtype(config.training.precision, device), workers=workers,
+                                     dtype=autocast_dtype(config.runtime.precision, device), workers=workers,
                                      batch_size=config.training.batch_size,  # the ranks' shares are whole batches of it
                                      processes=processes, progress=lambda n: progress.advance(bar, n))
         processes.barrier()

@@ -78,7 +78,7 @@ def _fit_gate(model: Model, tasks: list[Task], config: TrainConfig, *, cache: Pa
              for role in (TRAIN, VALID)}
     gate = fit_gate(model, paths[TRAIN], paths[VALID], GateRecipe(method=g.method, accept=g.accept, layer=g.layer),
                     datasets=[task.dataset for task in tasks], cache=cache,
-                    run=RunOptions(precision=config.training.precision, workers=workers(len(paths[TRAIN])), say=say))
+                    run=RunOptions(precision=config.runtime.precision, workers=workers(len(paths[TRAIN])), say=say))
     say(f"out-of-distribution gate: {gate.method} on {len(paths[TRAIN])} training images of "
         f"{', '.join(task.dataset for task in tasks)}, accepting {g.accept:.0%} of validation images")
     return gate

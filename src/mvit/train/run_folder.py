@@ -210,11 +210,11 @@ def open_run(run: Path) -> TrainConfig:
     run = Path(run).absolute()
     config = load_run_config(run)
     recorded = Path(config.output)
-    cache = config.training.feature_cache
+    cache = config.runtime.feature_cache
     if cache is not None and Path(cache).is_relative_to(recorded):
         cache = run / Path(cache).relative_to(recorded)
-    training = config.training.model_copy(update={"feature_cache": cache})
-    return config.model_copy(update={"output": run, "training": training})
+    runtime = config.runtime.model_copy(update={"feature_cache": cache})
+    return config.model_copy(update={"output": run, "runtime": runtime})
 
 
 def load_run_config(run: Path) -> TrainConfig:
@@ -252,7 +252,7 @@ def provenance(model: Model, config: TrainConfig, epoch: int, best_epoch: int, w
     earlier = model.provenance
     splits = {d.name: {"seed": d.split_seed, "fold": d.fold, "folds": d.folds, "fractions": d.fractions}
               for d in config.datasets}
-    run = {"config": config.model_dump(mode="json"), "epoch": epoch + 1, "best_epoch": best_epoch + 1,
+    run = {"config": config.recipe(), "epoch": epoch + 1, "best_epoch": best_epoch + 1,
            "weights": weights,  # trained, or their exponential moving average
            "backbone": model.backbone.config.model_dump()}  # what was trained, whatever the config named
     if counts is not None:

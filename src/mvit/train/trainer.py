@@ -80,9 +80,9 @@ class Trainer:
         self.config = config
         self.console = console or Console(stderr=True)
         self.folder = RunFolder(config.output)
-        self.device = resolve_device(config.training.device, environment_local_rank())
+        self.device = resolve_device(config.runtime.device, environment_local_rank())
         self.processes = Processes.from_environment(self.device.type)
-        self.dtype = autocast_dtype(config.training.precision, self.device)
+        self.dtype = autocast_dtype(config.runtime.precision, self.device)
         if self.device.type == "cuda":  # float32 leftovers outside autocast may use TF32 tensor cores
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         self.tasks = build_tasks(config, self.say)
@@ -101,8 +101,8 @@ class Trainer:
         self.ema = make_ema(self.model, config.training.ema_decay)
         steps_per_epoch = len(epoch_steps(self.tasks, config, 0, self.processes))
         self.schedule = make_schedule(self.optimizer, config, steps_per_epoch)
-        self.bad_images = BadImages(config.training.bad_images)
-        self.cache = FeatureCache(config.training.feature_cache or self.folder.path / "features.h5", warn=self.warn,
+        self.bad_images = BadImages(config.runtime.bad_images)
+        self.cache = FeatureCache(config.runtime.feature_cache or self.folder.path / "features.h5", warn=self.warn,
                                   bad_images=self.bad_images)
         self.features = SplitFeatures(self.cache, self.model, config.preprocessing, self.device, self.dtype, self.processes,
                                       workers=self._workers)
