@@ -13,7 +13,7 @@ from mvit.errors import MvitError
 
 def train_command(
     config: Path = typer.Argument(None, help="Training config (TOML); see configs/ for examples."),
-    resume: Path = typer.Option(None, "--resume", help="Continue the run in this folder where it stopped."),
+    resume: Path = typer.Option(None, "--resume", help="Continue the run in this folder where it stopped; --epochs may extend it, --device and --set runtime.X change how it runs, nothing may change its recipe."),
     set_: list[str] = typer.Option([], "--set", help="Override a config field: --set training.epochs=5 (repeatable)."),
     epochs: int = typer.Option(None, help="Shortcut for --set training.epochs=N."),
     output: Path = typer.Option(None, help="Shortcut for --set output=DIR."),
@@ -23,20 +23,22 @@ def train_command(
     from mvit.train import trainer as train
     from mvit.train.config import load_config
 
-    if resume is not None:
-        if config is not None:
-            raise MvitError("give either a config or --resume RUN, not both")
-        train.resume(resume, console=stderr)
-        return
-    if config is None:
-        raise MvitError("give a training config (TOML), or --resume RUN to continue a run")
     overrides = list(set_)
     if epochs is not None:
         overrides.append(f"training.epochs={epochs}")
-    if output is not None:
-        overrides.append(f'output="{output.absolute()}"')  # relative to where the user is, not the config
     if device is not None:
         overrides.append(f'runtime.device="{device}"')
+    if resume is not None:
+        if config is not None:
+            raise MvitError("give either a config or --resume RUN, not both")
+        if output is not None:
+            raise MvitError("a run resumes in its own folder, so --output cannot move it; copy the folder and resume the copy")
+        train.resume(resume, overrides, console=stderr)  # a change of the recipe is one sentence
+        return
+    if config is None:
+        raise MvitError("give a training config (TOML), or --resume RUN to continue a run")
+    if output is not None:
+        overrides.append(f'output="{output.absolute()}"')
     settings = load_config(config, overrides)
     check_writable(Path(settings.output), "output folder (--output DIR)", folder=True)  # before any work
     train.train(settings, console=stderr)

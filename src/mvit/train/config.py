@@ -211,11 +211,12 @@ class TrainConfig(_Strict):
 
 
 def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None) -> TrainConfig:
-    """Read a TOML config; relative dataset roots and output resolve against the config's folder.
+    """Read a TOML config, with `overrides` applied (`dotted.key=value` strings, values parsed as
+    TOML, else taken as text: `training.epochs=5`, `output=runs/try`).
 
-    `overrides` are `dotted.key=value` strings (values parsed as TOML, else taken as text), e.g.
-    `training.epochs=5` or `output="runs/try"`.
-    """
+    One rule for relative paths: those written in the config resolve against the config's folder (so
+    a config works from any folder); those given on the command line, against the working directory
+    (as in any shell command)."""
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))  # TOML is UTF-8, whatever the locale says
@@ -226,28 +227,42 @@ def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None) -
                           f"save it as UTF-8") from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path} is not valid TOML: {error}") from None
-    for item in overrides or []:
-        _apply_override(raw, item)
-    overridden = {_override_key(item): item for item in overrides or []}
-    # paths in a config are relative to the config file, so a config works from any folder
-    base = path.resolve().parent
-
-    def anchored(value) -> str:
-        return os.path.normpath(base / Path(str(value)).expanduser())
-
-    for dataset in raw.get("datasets", []):
-        if isinstance(dataset, dict) and "root" in dataset:
-            dataset["root"] = anchored(dataset["root"])
-    if "output" in raw:
-        raw["output"] = anchored(raw["output"])
-    backbone = raw.get("backbone")
-    if isinstance(backbone, dict) and backbone.get("init") not in (None, *NAMED_INITS):
-        backbone["init"] = anchored(backbone["init"])
-    for section in ("runtime", "training"):  # training: where configs before [runtime] kept it
-        settings = raw.get(section)
-        if isinstance(settings, dict) and settings.get("feature_cache"):
-            settings["feature_cache"] = anchored(settings["feature_cache"])
+    _anchor_paths(raw, path.resolve().parent)
+    overridden = apply_overrides(raw, overrides or [])
     return validate_config(raw, source=str(path), overridden=overridden)
+
+
+def _is_path(key: tuple[str, ...]) -> bool:
+    """Whether the dotted key (split) names a path of the config."""
+    return (key in (("output",), ("backbone", "init"), ("runtime", "feature_cache"), ("training", "feature_cache"))
+            or (len(key) == 3 and key[0] == "datasets" and key[2] == "root"))
+
+
+def _anchored(key: tuple[str, ...], value, base: Path):
+    """`value` of the field `key`, a relative path made absolute against `base`; anything else as it is."""
+    if not _is_path(key) or not isinstance(value, str) or not value or (key == ("backbone", "init") and value in NAMED_INITS):
+        return value
+    return os.path.normpath(base / Path(value).expanduser())
+
+
+def _anchor_paths(raw: dict, base: Path) -> None:
+    """Every relative path of the raw config made absolute against `base`, in place."""
+    for key in (("output",), ("backbone", "init"), ("runtime", "feature_cache"), ("training", "feature_cache")):
+        *parents, leaf = key
+        section = raw.get(parents[0]) if parents else raw
+        if isinstance(section, dict) and leaf in section:
+            section[leaf] = _anchored(key, section[leaf], base)
+    for index, dataset in enumerate(raw.get("datasets", [])):
+        if isinstance(dataset, dict) and "root" in dataset:
+            dataset["root"] = _anchored(("datasets", str(index), "root"), dataset["root"], base)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict[tuple[str, ...], str]:
+    """`overrides` set in the raw config, in place (a relative path against the working directory);
+    returns each one's dotted key (split) -> the item, for `validate_config`'s messages."""
+    for item in overrides:
+        _apply_override(raw, item)
+    return {_override_key(item): item for item in overrides}
 
 
 def validate_config(raw: dict, source: str = "the config", overridden: Optional[dict[tuple[str, ...], str]] = None) -> TrainConfig:
@@ -344,4 +359,4 @@ def _apply_override(raw: dict, item: str) -> None:
             raise ConfigError(f"--set {item}: there is no {part!r} to set")
     if not isinstance(node, dict):
         raise ConfigError(f"--set {item}: {'.'.join(parents)} is not a section")
-    node[leaf] = value
+    node[leaf] = _anchored(tuple(parents) + (leaf,), value, Path.cwd())

@@ -28,7 +28,10 @@ from mvit.runtime.files import remove_partials, written_aside
 from mvit.core import model_file
 from mvit.core.model import Model
 from mvit.core.training_images import TrainingImages, recorded_training_images
-from mvit.train.config import TrainConfig, validate_config
+from mvit.train.config import TrainConfig, apply_overrides, validate_config
+
+# what a resumed run may change: how long it trains and how this machine runs it, never what it learns
+RESUMABLE = ("training.epochs", "training.early_stopping", "runtime.")
 
 STATE_FILE = "state.pt"
 LOCK_FILE = ".lock"  # locked (flock) while a run writes the folder; the file itself says nothing
@@ -204,23 +207,47 @@ def write_failure(error: BaseException) -> str | None:
     return f"{getattr(error, 'strerror', None) or text}"
 
 
-def open_run(run: Path) -> TrainConfig:
+def open_run(run: Path, overrides: list[str] = ()) -> TrainConfig:
     """The config of the run folder `run`, addressed where it is now: its output is `run` (and a
-    feature cache that lived inside the folder is the one inside `run`), whatever config.json recorded."""
+    feature cache that lived inside the folder is the one inside `run`), whatever config.json recorded;
+    with `overrides` (`dotted.key=value`) of what a resumed run may change (RESUMABLE)."""
     run = Path(run).absolute()
-    config = load_run_config(run)
-    recorded = Path(config.output)
+    raw = _read_run_config(run)
+    recorded = validate_config(json.loads(json.dumps(raw)), source=str(run / "config.json"))
+    config = validate_config(raw, source=str(run / "config.json"), overridden=apply_overrides(raw, list(overrides)))
+    _check_resumable(recorded, config, overrides)
     cache = config.runtime.feature_cache
-    if cache is not None and Path(cache).is_relative_to(recorded):
-        cache = run / Path(cache).relative_to(recorded)
+    if cache is not None and cache == recorded.runtime.feature_cache and Path(cache).is_relative_to(recorded.output):
+        cache = run / Path(cache).relative_to(recorded.output)  # the folder's own cache, moved with it
     runtime = config.runtime.model_copy(update={"feature_cache": cache})
     return config.model_copy(update={"output": run, "runtime": runtime})
 
 
-def load_run_config(run: Path) -> TrainConfig:
-    """The config a run folder was started with."""
-    config_path = Path(run) / "config.json"
-    if not Path(run).is_dir():
+def _check_resumable(recorded: TrainConfig, config: TrainConfig, overrides: list[str]) -> None:
+    """One sentence for an override a resumed run cannot take: one that changes the recipe."""
+    before, after = _flat(recorded.model_dump(mode="json")), _flat(config.model_dump(mode="json"))
+    changed = [key for key in after if after[key] != before.get(key) and not key.startswith(RESUMABLE)]
+    if changed:
+        keys = {item: item.split("=", 1)[0].strip() for item in overrides}
+        given = next((item for item, key in keys.items() if changed[0] == key or changed[0].startswith(key + ".")), changed[0])
+        raise ConfigError(f"--set {given}: a resumed run keeps its recipe, so {changed[0]} cannot change; a resume may "
+                          f"change training.epochs, training.early_stopping and the [runtime] settings. Start a new run "
+                          f"(mvit train CONFIG) to change {changed[0]}")
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    """Nested dicts and lists as dotted key -> value."""
+    if isinstance(tree, dict):
+        return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    if isinstance(tree, list):
+        return {k: v for i, value in enumerate(tree) for k, v in _flat(value, f"{prefix}{i}.").items()}
+    return {prefix.rstrip("."): tree}
+
+
+def _read_run_config(run: Path) -> dict:
+    """A run folder's config.json, as written."""
+    config_path = run / "config.json"
+    if not run.is_dir():
         raise ConfigError(f"{run} is not a folder; give --resume the run's folder")
     if not config_path.is_file():
         raise ConfigError(f"{run} is not an mvit run folder (no config.json)")
@@ -230,7 +257,7 @@ def load_run_config(run: Path) -> TrainConfig:
         raise ConfigError(f"{config_path} cannot be read as JSON ({error}); it is not the config mvit wrote") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{config_path} is not the config mvit wrote (not a JSON object)")
-    return validate_config(raw, source=str(config_path))
+    return raw
 
 
 def save_model(model: Model, path: Path, heads: dict, provenance: dict) -> None:

@@ -56,10 +56,11 @@ def train(config: TrainConfig, *, resume: bool = False, console=None) -> Path:
     return _run_and_release(Trainer(config, console=console, resume=resume))
 
 
-def resume(run: Path, *, console=None) -> Path:
+def resume(run: Path, overrides: list[str] = (), *, console=None) -> Path:
     """Continue the run in folder `run` where it stopped: `run` itself, wherever it now is (never
-    the output its config.json recorded)."""
-    return _run_and_release(Trainer(open_run(run), console=console, resume=True))
+    the output its config.json recorded). `overrides` may extend `training.epochs`, change
+    `training.early_stopping` or the [runtime] settings; a change of the recipe is refused."""
+    return _run_and_release(Trainer(open_run(run, overrides), console=console, resume=True))
 
 
 def _run_and_release(trainer: Trainer) -> Path:
@@ -89,7 +90,8 @@ class Trainer:
         check_validation(self.tasks)  # before the first epoch, not after the last
         if resume and self.processes.main:
             self.folder.check_writable()
-        self.model = build_model(config, self.tasks, self.warn).to(self.device)
+        # what the config says of its init model was said when the run started
+        self.model = build_model(config, self.tasks, (lambda _: None) if resume else self.warn).to(self.device)
         self.closed_form = closed_form.applies(self.model, config)  # heads fitted in one step, not by epochs
         self._check_init_leaks()
         # every model file of the run records the images trained on (hashed once: leakage exclusion
@@ -154,6 +156,8 @@ class Trainer:
 
     def run(self) -> Path:
         """Train; returns the best model file (calibrated on the validation split)."""
+        if self._finished():
+            return self.folder.best
         if not self.closed_form:
             self._run_epochs()
         elif self.start_epoch == 0:  # (a resumed closed-form run has nothing left but calibration)
@@ -361,6 +365,27 @@ class Trainer:
 
     # ---- training state, for --resume
 
+    def _finished(self) -> bool:
+        """Whether a resumed run has nothing left to do (said so): every epoch trained, or stopped
+        early, and its best model calibrated. A run stopped during calibration calibrates again."""
+        if self.start_epoch == 0:
+            return False
+        patience = self.config.training.early_stopping
+        stopped_early = patience is not None and self.bad_epochs >= patience
+        if not (self.closed_form or stopped_early or self.start_epoch >= self.config.training.epochs):
+            return False
+        if not self.folder.best.is_file():
+            return False
+        best = model_file.read_metadata(self.folder.best)
+        if not all(best.heads[name].calibrated for task in self.tasks for name in task.heads):
+            return False
+        how = (f"stopped early after {self.start_epoch} epochs ({patience} without improvement)" if stopped_early and not self.closed_form
+               else "fitted its heads in closed form" if self.closed_form else f"trained all its {self.start_epoch} epochs")
+        more = "" if self.closed_form else (f"; to train longer, resume with --epochs {self.start_epoch + 5}"
+                                            + (" and --set training.early_stopping=false" if stopped_early else ""))
+        self.say(f"{self.folder.path} is finished: it {how}, best epoch {self.best_epoch + 1} ({self.folder.best}){more}")
+        return True
+
     def _state(self, epoch: int) -> dict:
         return {
             "epoch": epoch,
@@ -384,6 +409,10 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         self.start_epoch = state["epoch"] + 1
         self.best_score, self.best_epoch, self.bad_epochs = state["best_score"], state["best_epoch"], state["bad_epochs"]
+        epochs = self.config.training.epochs
+        if epochs < self.start_epoch and not self.closed_form:
+            raise ConfigError(f"{self.folder.path} has trained {self.start_epoch} epochs already; "
+                              f"resume with --epochs {self.start_epoch + 1} or more to train longer")
         self.folder.check_best(self.best_epoch)  # now, not after the remaining epochs
         self.history = self.folder.history(self.start_epoch, rewrite=self.processes.main)
 

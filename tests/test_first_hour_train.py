@@ -1,0 +1,113 @@
+"""A new user's first hour with training: a resume does what its options say (or says why not),
+and relative paths follow one rule: the config's folder for paths in the config, the working
+directory for paths on the command line."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from clirun import call_mvit
+from mvit.train import trainer as training
+from mvit.train.config import load_config
+from training_data import make_learnable_dermmel, tiny_run_config
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A run of 2 epochs that finished (calibrated best model and all)."""
+    folder = tmp_path_factory.mktemp("finished")
+    root = make_learnable_dermmel(folder / "data", per_class_train=6, per_class_eval=3)
+    config = tiny_run_config(root, folder / "run", {"augmentation": {"enabled": False}, "training": {"epochs": 2}})
+    training.train(config)
+    return folder / "run"
+
+
+def _copy(run: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    return copy
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _epochs(run: Path) -> list[int]:
+    return [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _one_sentence(done, *words: str) -> None:
+    assert done.code == 2, (done.code, done.stderr)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in done.stderr, done.stderr
+    text = " ".join(done.stderr.split())
+    for word in words:
+        assert word in text, text
+
+
+def test_resuming_a_finished_run_says_so_and_rewrites_nothing(finished_run, tmp_path, capsys, monkeypatch):
+    run = _copy(finished_run, tmp_path)
+    before = _digests(run)
+    done = call_mvit(capsys, monkeypatch, "train", "--resume", str(run))
+    assert done.code == 0, done.stderr
+    assert "is finished: it trained all its 2 epochs" in " ".join(done.stderr.split())
+    assert "--epochs" in done.stderr  # and how to train longer
+    after = _digests(run)
+    assert {name: after[name] for name in before if name != "metrics.jsonl"} == \
+        {name: digest for name, digest in before.items() if name != "metrics.jsonl"}
+    assert "backbone.name" not in done.stderr  # no warning about a field the user never set
+
+
+def test_epochs_extend_a_finished_run(finished_run, tmp_path, capsys, monkeypatch):
+    run = _copy(finished_run, tmp_path)
+    done = call_mvit(capsys, monkeypatch, "train", "--resume", str(run), "--epochs", "3", "--device", "cpu")
+    assert done.code == 0, done.stderr
+    assert len(_epochs(run)) == 3
+    assert "backbone.name" not in done.stderr
+
+
+@pytest.mark.parametrize("options, words", [
+    (["--set", "optimizer.head_lr=0.5"], ["--set optimizer.head_lr=0.5", "keeps its recipe", "optimizer.head_lr cannot change",
+                                         "training.epochs", "[runtime]"]),
+    (["--set", "datasets.0.split_seed=3"], ["datasets.0.split_seed cannot change"]),
+    (["--output", "elsewhere"], ["resumes in its own folder", "--output"]),
+    (["--epochs", "1"], ["has trained 2 epochs already", "--epochs 3 or more"]),
+])
+def test_an_option_a_resume_cannot_obey_is_one_sentence_and_changes_nothing(finished_run, tmp_path, capsys, monkeypatch,
+                                                                          options, words):
+    run = _copy(finished_run, tmp_path)
+    before = _digests(run)
+    _one_sentence(call_mvit(capsys, monkeypatch, "train", "--resume", str(run), *options), *words)
+    assert _digests(run) == before
+
+
+def test_the_machine_settings_may_change_on_resume(finished_run, tmp_path, capsys, monkeypatch):
+    run = _copy(finished_run, tmp_path)
+    done = call_mvit(capsys, monkeypatch, "train", "--resume", str(run), "--set", "runtime.workers=1", "--epochs", "3")
+    assert done.code == 0, done.stderr
+    assert len(_epochs(run)) == 3
+
+
+def test_paths_in_the_config_follow_its_folder_and_paths_on_the_command_line_the_working_directory(tmp_path, monkeypatch):
+    config = tmp_path / "configs" / "c.toml"
+    config.parent.mkdir()
+    config.write_text('output = "runs/x"\n[[datasets]]\nname = "dermmel"\nroot = "data"\n[runtime]\nfeature_cache = "f.h5"\n')
+    here = tmp_path / "work"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    written = load_config(config)
+    assert written.output == tmp_path / "configs" / "runs" / "x"
+    assert written.datasets[0].root == tmp_path / "configs" / "data"
+    assert written.runtime.feature_cache == tmp_path / "configs" / "f.h5"
+    given = load_config(config, ["output=runs-y", "datasets.0.root=mydata", 'runtime.feature_cache="cache/f.h5"',
+                                 "backbone.init=models/m.safetensors"])
+    assert given.output == here / "runs-y"  # as `--output runs-y` is
+    assert given.datasets[0].root == here / "mydata"
+    assert given.runtime.feature_cache == here / "cache" / "f.h5"
+    assert given.backbone.init == str(here / "models" / "m.safetensors")
+    assert load_config(config, ["backbone.init=bundled"]).backbone.init == "bundled"  # a name, not a path
