@@ -234,7 +234,7 @@ def test_a_second_run_into_a_folder_in_use_is_refused_in_one_sentence(tmp_path, 
     finally:
         first.folder.release()
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in records] == [0, 1]  # one run's epochs, not two runs' mixed
+    assert [r["epoch"] for r in records] == [1, 2]  # one run's epochs, not two runs' mixed
     assert json.loads((run / "config.json").read_text())["training"]["seed"] == first.config.training.seed
 
 

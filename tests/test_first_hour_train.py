@@ -13,6 +13,7 @@ import pytest
 
 from clirun import call_mvit
 from mvit.train import trainer as training
+from mvit import load as mvit_load
 from mvit.train.config import load_config
 from training_data import make_learnable_dermmel, tiny_run_config
 
@@ -67,8 +68,18 @@ def test_epochs_extend_a_finished_run(finished_run, tmp_path, capsys, monkeypatc
     run = _copy(finished_run, tmp_path)
     done = call_mvit(capsys, monkeypatch, "train", "--resume", str(run), "--epochs", "3", "--device", "cpu")
     assert done.code == 0, done.stderr
-    assert len(_epochs(run)) == 3
+    assert _epochs(run) == [1, 2, 3]  # numbered as the console numbers them
+    assert "epoch 3/3" in done.stderr
     assert "backbone.name" not in done.stderr
+
+
+def test_a_run_folder_numbered_from_zero_resumes_renumbered(finished_run, tmp_path, capsys, monkeypatch):
+    run = _copy(finished_run, tmp_path)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    (run / "metrics.jsonl").write_text("".join(json.dumps({**r, "epoch": r["epoch"] - 1}) + "\n" for r in records))
+    done = call_mvit(capsys, monkeypatch, "train", "--resume", str(run), "--epochs", "3")
+    assert done.code == 0, done.stderr
+    assert _epochs(run) == [1, 2, 3]
 
 
 @pytest.mark.parametrize("options, words", [
@@ -111,3 +122,18 @@ def test_paths_in_the_config_follow_its_folder_and_paths_on_the_command_line_the
     assert given.runtime.feature_cache == here / "cache" / "f.h5"
     assert given.backbone.init == str(here / "models" / "m.safetensors")
     assert load_config(config, ["backbone.init=bundled"]).backbone.init == "bundled"  # a name, not a path
+
+
+def test_a_tie_of_scores_is_broken_by_the_lower_validation_loss(tmp_path, monkeypatch):
+    """On a small validation split balanced accuracy moves in steps, so equal scores are common:
+    the epoch with the lower validation loss is the better one."""
+    from mvit.train import epoch_metrics
+
+    monkeypatch.setattr(epoch_metrics, "selection_score", lambda valid, metric: 0.75)  # every epoch ties
+    root = make_learnable_dermmel(tmp_path / "data", per_class_train=6, per_class_eval=3)
+    config = tiny_run_config(root, tmp_path / "run", {"augmentation": {"enabled": False}, "training": {"epochs": 4}})
+    best = mvit_load(training.train(config))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lowest = min(records, key=lambda r: r["valid_loss"])
+    assert lowest["epoch"] != 1  # the data learns: a later epoch has the lower loss (else the test shows nothing)
+    assert best.provenance["training"][-1]["best_epoch"] == lowest["epoch"]

@@ -110,7 +110,7 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(dermmel_root, tmp_
     straight, resumed = load_file(str(tmp_path / "straight" / "last.safetensors")), load_file(str(interrupted / "last.safetensors"))
     assert straight.keys() == resumed.keys()
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
-    assert [h["epoch"] for h in metrics(interrupted)] == [0, 1, 2]
+    assert [h["epoch"] for h in metrics(interrupted)] == [1, 2, 3]
 
 
 def folder_digests(run):
@@ -157,7 +157,7 @@ def test_a_run_interrupted_in_the_middle_of_an_epoch_resumes_to_the_uninterrupte
     # nothing epoch 1 wrote was touched by the half-done epoch 2, and what it wrote still loads
     assert folder_digests(run) == seen["at_epoch_start"]
     assert {"best.safetensors", "last.safetensors", "metrics.jsonl"} <= set(seen["at_epoch_start"])
-    assert [h["epoch"] for h in metrics(run)] == [0]
+    assert [h["epoch"] for h in metrics(run)] == [1]
     assert mvit.load(run / "best.safetensors").provenance["epoch"] == 1
 
     training.resume(run)

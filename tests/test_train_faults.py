@@ -82,7 +82,7 @@ def test_resuming_a_copy_trains_the_copy_and_leaves_the_original_byte_identical(
     result = run_mvit("train", "--resume", str(copy))
     assert result.code == 0, result.stderr
     assert digests(original) == before  # config.json still names original's old place: not used
-    assert [h["epoch"] for h in metrics(copy)] == [0, 1, 2]
+    assert [h["epoch"] for h in metrics(copy)] == [1, 2, 3]
     assert mvit.load(copy / "best.safetensors").heads["dermmel"].calibrated
 
 
@@ -95,7 +95,7 @@ def test_a_resume_clears_what_a_run_killed_with_minus_9_was_writing(stopped_run,
     result = run_mvit("train", "--resume", str(run))
     assert result.code == 0, result.stderr
     assert not [p.name for p in run.iterdir() if "partial" in p.name]
-    assert [h["epoch"] for h in metrics(run)] == [0, 1, 2]
+    assert [h["epoch"] for h in metrics(run)] == [1, 2, 3]
 
 
 @pytest.mark.slow
@@ -111,7 +111,7 @@ def test_a_moved_run_reads_only_its_own_files(stopped_run, tmp_path):
     result = run_mvit("train", "--resume", str(new))
     assert result.code == 0, result.stderr
     assert digests(old) == before
-    assert [h["epoch"] for h in metrics(new)] == [0, 1, 2]
+    assert [h["epoch"] for h in metrics(new)] == [1, 2, 3]
 
 
 # ---- (2) no operating point before calibration
@@ -189,7 +189,7 @@ def test_a_full_disk_while_saving_an_epoch_keeps_the_previous_files(dermmel_root
     assert mvit.load(run / "last.safetensors").provenance["epoch"] == 1  # epoch 1's, whole
     assert not [p.name for p in run.iterdir() if "partial" in p.name]
     training.resume(run)  # and the run goes on from its last finished epoch
-    assert [h["epoch"] for h in metrics(run)] == [0, 1, 2]
+    assert [h["epoch"] for h in metrics(run)] == [1, 2, 3]
     assert mvit.load(run / "best.safetensors").heads["dermmel"].calibrated
 
 
@@ -213,7 +213,7 @@ def test_resuming_onto_a_split_that_lost_its_positives_is_refused_before_any_epo
     shutil.rmtree(data / "DermMel" / "valid" / "Melanoma")
     with pytest.raises(ConfigError, match="head dermmel has no melanoma image in the valid split"):
         training.resume(run)
-    assert [h["epoch"] for h in metrics(run)] == [0]
+    assert [h["epoch"] for h in metrics(run)] == [1]
 
 
 def test_calibration_never_raises_a_bare_value_error():
@@ -302,7 +302,7 @@ def test_a_damaged_best_model_is_found_at_the_start_of_a_resume(stopped_run, tmp
     last = (run / "last.safetensors").read_bytes()
     text = one_sentence(run_mvit("train", "--resume", str(run)))
     assert "best.safetensors" in text
-    assert [h["epoch"] for h in metrics(run)] == [0]  # no epoch was trained for nothing
+    assert [h["epoch"] for h in metrics(run)] == [1]  # no epoch was trained for nothing
     assert (run / "last.safetensors").read_bytes() == last
 
 

@@ -234,8 +234,8 @@ def plot_training_curves(history: list[dict], path: Path, metric: str = "balance
     heads = list(history[0]["heads"]) if history else []
     fig = Figure(figsize=(10, 3 * max(1, len(heads))))
     axes = fig.subplots(max(1, len(heads)), 2, squeeze=False)
-    epochs = [h["epoch"] + 1 for h in history]
-    steps = [h["epoch"] + 1 for prev, h in zip(history, history[1:]) if h["unfrozen"] != prev["unfrozen"]]
+    epochs = [h["epoch"] for h in history]  # numbered from 1
+    steps = [h["epoch"] for prev, h in zip(history, history[1:]) if h["unfrozen"] != prev["unfrozen"]]
     for row, name in zip(axes, heads):
         for ax, key in ((row[0], "loss"), (row[1], metric)):
             for split, style in (("train", "-"), ("valid", "-o")):

@@ -41,21 +41,37 @@ class HeadStats:
 
 def epoch_record(epoch: int, unfrozen: list[str], lr: dict[str, float], train: dict, valid: dict,
                  ema_valid: Optional[dict], seconds: float, best_metric: str) -> dict:
-    """One line of metrics.jsonl; `train`, `valid` and `ema_valid` map each head to its summary."""
+    """One line of metrics.jsonl for the 0-based `epoch` (numbered from 1 there, as on the console
+    and in the model file); `train`, `valid` and `ema_valid` map each head to its summary."""
     heads = {name: {"train": train[name], "valid": valid.get(name, {})} for name in train}
     record = {
-        "epoch": epoch,
+        "epoch": epoch + 1,
         "unfrozen": len(unfrozen),
         "unfrozen_groups": unfrozen,
         "lr": lr,
         "heads": heads,
         "score": selection_score(valid, best_metric),
+        "valid_loss": mean_loss(valid),
         "seconds": round(seconds, 2),
     }
     if ema_valid is not None:  # the averaged weights, validated on the same images
         record["ema"] = {"heads": {name: {"valid": v} for name, v in ema_valid.items()},
-                         "score": selection_score(ema_valid, best_metric)}
+                         "score": selection_score(ema_valid, best_metric), "valid_loss": mean_loss(ema_valid)}
     return record
+
+
+def mean_loss(valid: dict) -> float:
+    """The validation loss averaged over heads (NaN where none has one)."""
+    losses = [v["loss"] for v in valid.values() if isinstance(v.get("loss"), float) and math.isfinite(v["loss"])]
+    return sum(losses) / len(losses) if losses else float("nan")
+
+
+def selection_key(scored: dict) -> tuple[float, float]:
+    """What picks the best epoch, higher is better: the selection score, then (a tie is common on a
+    small validation split, where balanced accuracy moves in steps of one image) the lower
+    validation loss. `scored`: an epoch's record, or its "ema" part."""
+    loss = scored.get("valid_loss", float("nan"))
+    return scored["score"], (-loss if math.isfinite(loss) else -math.inf)
 
 
 def selection_score(valid: dict, metric: str) -> float:
@@ -73,6 +89,6 @@ def epoch_line(record: dict, epochs: int, improved: bool, use_ema: bool) -> str:
         for name, h in record["heads"].items()
     )
     ema = f"  EMA score {record['ema']['score']:.3f}" if "ema" in record else ""
-    return (f"epoch {record['epoch'] + 1}/{epochs} [{record['unfrozen']} groups unfrozen] "
+    return (f"epoch {record['epoch']}/{epochs} [{record['unfrozen']} groups unfrozen] "
             f"{summary}  score {record['score']:.3f}{ema}"
             f"{('  *best (EMA)*' if use_ema else '  *best*') if improved else ''}  ({record['seconds']:.0f} s)")

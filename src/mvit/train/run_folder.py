@@ -98,18 +98,21 @@ class RunFolder:
         text = self.metrics.read_text() if self.metrics.is_file() else ""
         self._write_text(self.metrics, text + json.dumps(record) + "\n")
 
-    def history(self, before_epoch: int, *, rewrite: bool) -> list[dict]:
-        """The records of the epochs before `before_epoch`; `rewrite`: drop the later ones from metrics.jsonl."""
+    def history(self, done: int, *, rewrite: bool) -> list[dict]:
+        """The records of the first `done` epochs; `rewrite`: drop the later ones from metrics.jsonl."""
         lines = self.metrics.read_text().splitlines() if self.metrics.is_file() else []
-        history = []
+        records = []
         for line in lines:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:  # a line cut short by an older mvit's interrupted write
                 continue
-            # an epoch that finished its metrics but not its state is run again
-            if isinstance(record, dict) and isinstance(record.get("epoch"), int) and record["epoch"] < before_epoch:
-                history.append(record)
+            if isinstance(record, dict) and isinstance(record.get("epoch"), int):
+                records.append(record)
+        if records and records[0]["epoch"] == 0:  # numbered from 0, as mvit wrote it before: renumbered
+            records = [{**record, "epoch": record["epoch"] + 1} for record in records]
+        # an epoch that finished its metrics but not its state is run again
+        history = [record for record in records if record["epoch"] <= done]
         if rewrite:
             self._write_text(self.metrics, "".join(json.dumps(h) + "\n" for h in history))
         return history

@@ -44,7 +44,7 @@ from mvit.train.config import BUNDLED, TrainConfig
 from mvit.runtime.distributed import environment_local_rank, environment_rank
 from mvit.runtime.distributed import Processes
 from mvit.train.ddp import step_module
-from mvit.train.epoch_metrics import HeadStats, epoch_line, epoch_record
+from mvit.train.epoch_metrics import HeadStats, epoch_line, epoch_record, selection_key
 from mvit.train.model_setup import build_model
 from mvit.train.optim import apply_unfreezing, make_optimizer, make_schedule, unfreeze_order, unfrozen_groups
 from mvit.train.run_folder import STATE_FILE, RunFolder, open_run, provenance, training_images
@@ -110,6 +110,7 @@ class Trainer:
                                       workers=self._workers)
         self.history: list[dict] = []
         self.start_epoch, self.best_score, self.best_epoch, self.bad_epochs = 0, -math.inf, -1, 0
+        self.best_loss = math.inf  # the best epoch's validation loss: breaks a tie of scores
         if resume and self.processes.main:
             self.folder.lock()  # held until the run ends: a second run into this folder is refused
         try:
@@ -336,11 +337,11 @@ class Trainer:
         self.folder.append(record)
         self._save_model(self.folder.last, epoch, record["heads"])
         # the averaged weights are kept when they validate better than the trained ones
-        use_ema = "ema" in record and record["ema"]["score"] > record["score"]
-        score = record["ema"]["score"] if use_ema else record["score"]
-        improved = score > self.best_score
+        use_ema = "ema" in record and selection_key(record["ema"]) > selection_key(record)
+        key = selection_key(record["ema"] if use_ema else record)
+        improved = key > (self.best_score, -self.best_loss)
         if improved:
-            self.best_score, self.best_epoch, self.bad_epochs = score, epoch, 0
+            (self.best_score, self.best_loss), self.best_epoch, self.bad_epochs = (key[0], -key[1]), epoch, 0
             if use_ema:
                 with averaged_weights(self.model, self.ema):
                     self._save_model(self.folder.best, epoch, record["ema"]["heads"], "exponential moving average")
@@ -393,6 +394,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
             "best_score": self.best_score,
+            "best_loss": self.best_loss,
             "best_epoch": self.best_epoch,
             "bad_epochs": self.bad_epochs,
             **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
@@ -409,6 +411,7 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         self.start_epoch = state["epoch"] + 1
         self.best_score, self.best_epoch, self.bad_epochs = state["best_score"], state["best_epoch"], state["bad_epochs"]
+        self.best_loss = state.get("best_loss", math.inf)  # a state saved before ties were broken by loss
         epochs = self.config.training.epochs
         if epochs < self.start_epoch and not self.closed_form:
             raise ConfigError(f"{self.folder.path} has trained {self.start_epoch} epochs already; "
