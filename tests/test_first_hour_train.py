@@ -137,3 +137,19 @@ def test_a_tie_of_scores_is_broken_by_the_lower_validation_loss(tmp_path, monkey
     lowest = min(records, key=lambda r: r["valid_loss"])
     assert lowest["epoch"] != 1  # the data learns: a later epoch has the lower loss (else the test shows nothing)
     assert best.provenance["training"][-1]["best_epoch"] == lowest["epoch"]
+
+
+def test_a_run_saves_its_model_files_as_small_as_its_init_model_unless_asked(finished_run, tmp_path):
+    from mvit.core import model_file
+
+    half_init = tmp_path / "init.safetensors"
+    model_file.save(mvit_load(finished_run / "best.safetensors"), half_init, half=True)  # as the bundled model is stored
+    root = json.loads((finished_run / "config.json").read_text())["datasets"][0]["root"]
+    frozen = {"augmentation": {"enabled": False}, "unfreeze": {"mode": "none"}, "backbone": {"init": str(half_init)},
+              "training": {"epochs": 1}}
+    kept = training.train(tiny_run_config(root, tmp_path / "kept", frozen))
+    assert model_file.stored_as_half(kept) and model_file.stored_as_half(tmp_path / "kept" / "last.safetensors")
+    asked = training.train(tiny_run_config(root, tmp_path / "asked", frozen, {"training": {"save_precision": "float32"}}))
+    assert not model_file.stored_as_half(asked)
+    assert asked.stat().st_size > 1.5 * kept.stat().st_size
+    assert not model_file.stored_as_half(finished_run / "best.safetensors")  # a random init: float32, as before

@@ -123,6 +123,9 @@ class TrainingConfig(_Strict):
     # regression by L-BFGS, its strength chosen on validation loss; see train/linear_heads.py) where the
     # heads are linear, else by epochs; "epochs" always by epochs of the optimiser
     head_fit: Literal["auto", "closed_form", "epochs"] = "auto"
+    # how the run's model files store their weights: "init" as the init model file does (the bundled
+    # model: float16, half the size), float32 where the init is no mvit model; or as named
+    save_precision: Literal["init", "float32", "float16"] = "init"
 
 
 class RuntimeConfig(_Strict):
@@ -318,6 +321,14 @@ def init_model_file(init: str) -> Optional[Path]:
     except MvitError:
         return None  # not an mvit model file (a DeiT checkpoint in safetensors, say)
     return path
+
+
+def saves_half(config: TrainConfig) -> bool:
+    """Whether the run's model files store float16 weights (`training.save_precision`)."""
+    if config.training.save_precision != "init":
+        return config.training.save_precision == "float16"
+    path = init_model_file(config.backbone.init)
+    return path is not None and model_file.stored_as_half(path)
 
 
 def _with_init_preprocessing(config: TrainConfig) -> TrainConfig:

@@ -43,8 +43,9 @@ UNCALIBRATED = {"temperature": 1.0, "threshold": None, "threshold_target": None,
 class RunFolder:
     """The files of one run, under `path` (only rank 0 writes them)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, *, half: bool = False):
         self.path = Path(path)
+        self.half = half  # model files stored as float16 (as small as the bundled model's)
         self.metrics = self.path / "metrics.jsonl"
         self.last, self.best = self.path / "last.safetensors", self.path / "best.safetensors"
         self.state = self.path / STATE_FILE
@@ -164,12 +165,19 @@ class RunFolder:
                                  f"or start the run again") from None
 
     def save_model(self, model: Model, path: Path, heads: dict, provenance: dict) -> None:
+        """The model file, each head carrying its validation metrics (`heads`: name -> {"valid": {...}}).
+
+        The heads trained here carry no operating point until the end-of-run calibration fits one for
+        these weights: temperature 1, no threshold, `calibrated` False (never an init model's)."""
+        for name, head in heads.items():
+            model.update_head(name, **UNCALIBRATED, metrics={f"valid_{k}": v for k, v in head["valid"].items()
+                                                             if isinstance(v, (int, float)) and math.isfinite(v)})
         with self.writing(path, "the model"):
-            save_model(model, path, heads, provenance)
+            model_file.save(model, path, half=self.half, provenance=provenance)
 
     def save_calibrated(self, model: Model, provenance: dict) -> None:
         with self.writing(self.best, "the calibrated best model"):
-            model_file.save(model, self.best, provenance=provenance)
+            model_file.save(model, self.best, half=self.half, provenance=provenance)
 
     # ---- writing
 
@@ -261,17 +269,6 @@ def _read_run_config(run: Path) -> dict:
     if not isinstance(raw, dict):
         raise ConfigError(f"{config_path} is not the config mvit wrote (not a JSON object)")
     return raw
-
-
-def save_model(model: Model, path: Path, heads: dict, provenance: dict) -> None:
-    """The model file, each head carrying its validation metrics (`heads`: name -> {"valid": {...}}).
-
-    The heads trained here carry no operating point until the end-of-run calibration fits one for
-    these weights: temperature 1, no threshold, `calibrated` False (never an init model's)."""
-    for name, head in heads.items():
-        model.update_head(name, **UNCALIBRATED, metrics={f"valid_{k}": v for k, v in head["valid"].items()
-                                                         if isinstance(v, (int, float)) and math.isfinite(v)})
-    model_file.save(model, path, provenance=provenance)
 
 
 def provenance(model: Model, config: TrainConfig, epoch: int, best_epoch: int, weights: str,

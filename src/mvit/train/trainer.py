@@ -40,7 +40,7 @@ from mvit.train.averaging import averaged_weights, make_ema
 from mvit.train.batches import SplitFeatures, decoding_workers, epoch_steps, decoded_batches, training_batches
 from mvit.train import closed_form
 from mvit.train.final_calibration import calibrate_heads, run_gate
-from mvit.train.config import BUNDLED, TrainConfig
+from mvit.train.config import BUNDLED, TrainConfig, saves_half
 from mvit.runtime.distributed import environment_local_rank, environment_rank
 from mvit.runtime.distributed import Processes
 from mvit.train.ddp import step_module
@@ -80,7 +80,7 @@ class Trainer:
 
         self.config = config
         self.console = console or Console(stderr=True)
-        self.folder = RunFolder(config.output)
+        self.folder = RunFolder(config.output, half=saves_half(config))
         self.device = resolve_device(config.runtime.device, environment_local_rank())
         self.processes = Processes.from_environment(self.device.type)
         self.dtype = autocast_dtype(config.runtime.precision, self.device)
