@@ -7,11 +7,14 @@ BIN := $(VENV)/bin
 
 $(BIN)/mvit: pyproject.toml examples/mvit-isic2019/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "[1/3] pip"
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	@echo "[2/3] mvit with torch, timm and the rest: the longest step (about 80 s on two cores, quiet while it works)"
 	$(BIN)/python -m pip install --quiet -e '.[dev,onnx,serve]'
-	# The example plugin is installed for real so the tests exercise its entry point.
+	@echo "[3/3] the example plugin, installed for real so the tests exercise its entry point"
 	$(BIN)/python -m pip install --quiet -e examples/mvit-isic2019
 	touch $(BIN)/mvit
+	@echo "installed: $(BIN)/mvit (activate with . $(BIN)/activate)"
 
 install: $(BIN)/mvit
 

@@ -79,10 +79,14 @@ def plugins_new_command(
     output: Path = typer.Option(None, "--output", "-o", help="the package folder to write (default: ./mvit-NAME)"),
 ) -> None:
     """Write a working dataset plugin package to start from: pyproject, plugin module, a test, a README."""
-    from mvit.datasets.scaffold import write_plugin
+    from mvit.datasets.scaffold import name_clash, write_plugin
 
     folder = write_plugin(name, output if output is not None else Path(f"mvit-{name}"))
     show(f"wrote {folder}; next: cd {folder} && pip install -e '.[test]' && pytest, then edit its loader")
+    # written all the same: the author may mean to rename it, and the warning says what would clash
+    clash = name_clash(name, folder)
+    if clash:
+        say(f"warning: {clash}")
 
 
 @data_app.command("check")
