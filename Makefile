@@ -10,7 +10,7 @@ $(BIN)/mvit: pyproject.toml examples/mvit-isic2019/pyproject.toml
 	@echo "[1/3] pip"
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	@echo "[2/3] mvit with torch, timm and the rest: the longest step (about 80 s on two cores, quiet while it works)"
-	$(BIN)/python -m pip install --quiet -e '.[dev,onnx,serve]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,onnx,serve,tensorboard]'
 	@echo "[3/3] the example plugin, installed for real so the tests exercise its entry point"
 	$(BIN)/python -m pip install --quiet -e examples/mvit-isic2019
 	touch $(BIN)/mvit

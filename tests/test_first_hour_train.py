@@ -153,3 +153,35 @@ def test_a_run_saves_its_model_files_as_small_as_its_init_model_unless_asked(fin
     assert not model_file.stored_as_half(asked)
     assert asked.stat().st_size > 1.5 * kept.stat().st_size
     assert not model_file.stored_as_half(finished_run / "best.safetensors")  # a random init: float32, as before
+
+
+def test_a_run_logs_to_tensorboard_when_asked(tmp_path):
+    pytest.importorskip("tensorboard", reason="the tensorboard extra (make install installs it)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    root = make_learnable_dermmel(tmp_path / "data", per_class_train=6, per_class_eval=3)
+    config = tiny_run_config(root, tmp_path / "run", {"augmentation": {"enabled": False}, "training": {"epochs": 2},
+                                                      "logging": {"tensorboard": True}})
+    training.train(config)
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = events.Scalars("dermmel/valid_loss")
+    assert [(e.step, round(e.value, 4)) for e in logged] == \
+        [(r["epoch"], round(r["heads"]["dermmel"]["valid"]["loss"], 4)) for r in records]
+    assert "score" in events.Tags()["scalars"] and any(tag.startswith("lr/") for tag in events.Tags()["scalars"])
+    assert events.Tags()["images"] == ["dermmel/confusion_matrix"]
+    assert "logging" not in mvit_load(tmp_path / "run" / "best.safetensors").provenance["training"][-1]["config"]
+
+
+def test_tensorboard_asked_for_but_not_installed_is_one_sentence_when_the_config_is_read(tmp_path, monkeypatch):
+    import importlib.util
+
+    from mvit.errors import ConfigError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    path = tmp_path / "c.toml"
+    path.write_text('output = "out"\n[[datasets]]\nname = "dermmel"\nroot = "data"\n[logging]\ntensorboard = true\n')
+    with pytest.raises(ConfigError, match=r"logging.tensorboard: TensorBoard is not installed; install mvit's tensorboard extra"):
+        load_config(path)

@@ -52,6 +52,10 @@ def _save(figure: Figure, path: Path) -> Path:
 
 
 def confusion_matrix_figure(matrix: Sequence[Sequence[int]], classes: Sequence[str], path: Path) -> Path:
+    return _save(confusion_matrix_plot(matrix, classes), path)
+
+
+def confusion_matrix_plot(matrix: Sequence[Sequence[int]], classes: Sequence[str]) -> Figure:
     from sklearn.metrics import ConfusionMatrixDisplay
 
     size = 2.0 + 0.8 * len(classes)
@@ -61,7 +65,8 @@ def confusion_matrix_figure(matrix: Sequence[Sequence[int]], classes: Sequence[s
         ax=ax, cmap="Blues", colorbar=False, xticks_rotation=45
     )
     ax.set_title("Confusion matrix (rows: true class)")
-    return _save(figure, path)
+    figure.tight_layout()
+    return figure
 
 
 def roc_figure(

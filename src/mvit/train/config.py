@@ -6,6 +6,7 @@ then gradual unfreezing), so a config names only its datasets and what it change
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import tomllib
 from pathlib import Path
@@ -45,9 +46,19 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class FolderConfig(_Strict):
+    """`[datasets.folder]`: the dataset's root is your own folder of class sub-folders or CSV of
+    image,label[,group] rows, a dataset with one head named as it, no plugin (`mvit.datasets.folder`)."""
+
+    classes: Optional[list[str]] = None  # the head's classes in output order; default: the labels found, sorted
+    positive: Optional[str] = None  # the class a two-class head screens for (its threshold is calibrated for it)
+    # label -> a term (or terms) of mvit's diagnosis vocabulary, so the head can be scored on other datasets
+    diagnoses: dict[str, Union[str, list[str]]] = Field(default_factory=dict)
+
+
 class DatasetConfig(_Strict):
     name: str
-    root: Path
+    root: Path  # a folder; with `folder`, a folder or a CSV file
     heads: list[str] = Field(default_factory=list)  # empty: every head the dataset's plugin offers
     split_seed: int = 0
     fold: Optional[int] = None  # k-fold cross-validation: which fold is the test split
@@ -57,6 +68,7 @@ class DatasetConfig(_Strict):
     # these other datasets of the run, wherever their labels fall into one of the head's classes in
     # the diagnosis vocabulary (each image once); validation stays this dataset's own
     borrow_from: list[str] = Field(default_factory=list)
+    folder: Optional[FolderConfig] = None  # set: `root` is your own folder or CSV, no plugin's dataset
 
 
 class BackboneConfig(_Strict):
@@ -160,6 +172,22 @@ class RuntimeConfig(_Strict):
         return workers
 
 
+class LoggingConfig(_Strict):
+    """Where a run's progress goes besides the console and metrics.jsonl: not part of the recipe."""
+
+    # RUN/tensorboard: per-epoch scalars and the best model's confusion matrices (the tensorboard extra)
+    tensorboard: bool = False
+
+    @field_validator("tensorboard")
+    @classmethod
+    def _installed(cls, wanted: bool) -> bool:
+        """Checked when the config is read, not when the first epoch ends."""
+        if wanted and importlib.util.find_spec("tensorboard") is None:
+            raise ValueError("TensorBoard is not installed; install mvit's tensorboard extra "
+                             "(pip install 'mvit[tensorboard]'), or set logging.tensorboard = false")
+        return wanted
+
+
 class GateConfig(_Strict):
     """The out-of-distribution gate fitted at the end of a run (`mvit.core.gate`, fitted by `mvit.evaluate.gate`)."""
 
@@ -187,10 +215,11 @@ class TrainConfig(_Strict):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     def recipe(self) -> dict:
-        """What a model file records of this run: everything but the machine's settings."""
-        return self.model_dump(mode="json", exclude={"runtime"})
+        """What a model file records of this run: everything but the machine's settings and the logs."""
+        return self.model_dump(mode="json", exclude={"runtime", "logging"})
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainConfig":

@@ -31,7 +31,7 @@ from mvit.core.training_images import TrainingImages, recorded_training_images
 from mvit.train.config import TrainConfig, apply_overrides, validate_config
 
 # what a resumed run may change: how long it trains and how this machine runs it, never what it learns
-RESUMABLE = ("training.epochs", "training.early_stopping", "runtime.")
+RESUMABLE = ("training.epochs", "training.early_stopping", "runtime.", "logging.")
 
 STATE_FILE = "state.pt"
 LOCK_FILE = ".lock"  # locked (flock) while a run writes the folder; the file itself says nothing

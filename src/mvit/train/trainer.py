@@ -47,6 +47,7 @@ from mvit.train.ddp import step_module
 from mvit.train.epoch_metrics import HeadStats, epoch_line, epoch_record, selection_key
 from mvit.train.model_setup import build_model
 from mvit.train.optim import apply_unfreezing, make_optimizer, make_schedule, unfreeze_order, unfrozen_groups
+from mvit.train.tensorboard_log import TensorBoardLog
 from mvit.train.run_folder import STATE_FILE, RunFolder, open_run, provenance, training_images
 from mvit.train.tasks import TRAIN, VALID, Task, build_tasks, check_validation
 
@@ -71,6 +72,8 @@ def _run_and_release(trainer: Trainer) -> Path:
         with trainer.processes:
             return trainer.run()
     finally:
+        if trainer.tensorboard is not None:
+            trainer.tensorboard.close()
         trainer.folder.release()
 
 
@@ -121,6 +124,8 @@ class Trainer:
             if self.processes.main:
                 self.cache.prepare()
             self.processes.barrier()
+            self.tensorboard = (TensorBoardLog(self.folder.path, self.start_epoch)
+                                if config.logging.tensorboard and self.processes.main else None)
         except BaseException:
             self.folder.release()
             raise
@@ -350,6 +355,8 @@ class Trainer:
         else:
             self.bad_epochs += 1
         self.folder.plot(self.history, self.config.training.best_metric)
+        if self.tensorboard is not None:
+            self.tensorboard.epoch(record)
         self.folder.save_state(self._state(epoch))
         self.say(epoch_line(record, epochs or self.config.training.epochs, improved, use_ema))
         if self.bad_images.skipped:
@@ -433,6 +440,8 @@ class Trainer:
 
         _, valid_logits = self._validate(self.config.unfreeze.mode == "none", Progress(disable=True))
         calibrate_heads(self.model, valid_logits, self.config.calibration, datasets=self._head_datasets())
+        if self.tensorboard is not None:
+            self.tensorboard.confusion_matrices(self.model, valid_logits, self.best_epoch + 1)
         self.model.ood_gate = run_gate(self.model, self.tasks, self.config, cache=self.cache.path, workers=self._workers,
                                        say=self.say, leave_out=set(self.bad_images.skipped))
         weights = best.provenance["training"][-1].get("weights", "trained")  # a best file from before averaging existed
