@@ -12,10 +12,13 @@ Light on purpose (rich and the standard library only): every command module impo
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from enum import Enum
+from typing import Optional, Union
 
+from rich.cells import cell_len
 from rich.console import Console
 from rich.text import Text
 
@@ -60,17 +63,59 @@ def plain(text: object, style: str = "") -> Text:
     return Text(printable(text), style=style)
 
 
-def print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+Cell = Union[str, Text]  # a table cell: a str is plain text; a Text (built with `plain`) keeps its style and lines
+
+
+def print_table(title: str, columns: list[Cell], rows: list[list[Cell]], *, caption: Optional[Text] = None,
+                fit: Optional[int] = None) -> None:
     """A rich table on stdout; title, headers and cells are plain text, so [brackets] in file names
-    and labels print as they are and control characters are made visible."""
+    and labels print as they are and control characters are made visible. caption: a line under
+    the table. fit: the column of paths to shorten (`shorten_path`) to two lines of what the other
+    columns leave of the terminal's width."""
     from rich.table import Table
 
-    table = Table(title=plain(title), title_justify="left", highlight=False)
+    if fit is not None:
+        rows = _fitted(columns, rows, fit)
+    table = Table(title=plain(title), title_justify="left", highlight=False, caption=caption, caption_justify="left")
     for column in columns:
-        table.add_column(plain(column), overflow="fold")
+        table.add_column(_cell(column), overflow="fold")
     for row in rows:
-        table.add_row(*(plain(cell) for cell in row))
+        table.add_row(*map(_cell, row))
     stdout.print(table)
+
+
+def _cell(cell: Cell) -> Text:
+    return cell if isinstance(cell, Text) else plain(cell)
+
+
+def _width(cell: Cell) -> int:
+    """The terminal cells the longest line of `cell` takes."""
+    return max(cell_len(line) for line in _cell(cell).plain.split("\n"))
+
+
+def _fitted(columns: list[Cell], rows: list[list[Cell]], at: int) -> list[list[Cell]]:
+    """`rows` with the paths in column `at` shortened to two lines of the width the other columns
+    leave: rich would fold a deep path over six lines at 80 columns, burying the rows around it."""
+    others = sum(max(_width(cell) for cell in [column, *(row[k] for row in rows)])
+                 for k, column in enumerate(columns) if k != at)
+    room = stdout.width - others - (3 * len(columns) + 1)  # rich's box: a rule and a space each side of every cell
+    return [[shorten_path(cell, 2 * room) if k == at and isinstance(cell, str) else cell for k, cell in enumerate(row)]
+            for row in rows]
+
+
+def shorten_path(path: str, width: int) -> str:
+    """`path` made printable in at most `width` cells where it can be: the file name kept whole (it
+    tells the images apart) and the middle of the folders replaced by "…"; as it is when it fits."""
+    shown = printable(path)
+    cut = max(shown.rfind("/"), shown.rfind(os.sep))  # the file name starts after the last separator
+    if cell_len(shown) <= width or cut < 0:
+        return shown
+    folder, name = shown[:cut], shown[cut:]
+    keep = width - cell_len(name) - 1  # characters of the folder part left beside the "…"
+    if keep <= 0:
+        return "…" + name
+    start = keep // 2  # the top of the tree (which disk, which project) and the folders nearest the file
+    return folder[:start] + "…" + folder[len(folder) - (keep - start):] + name
 
 
 def print_csv(columns: list[str], rows: list[list[str]]) -> None:

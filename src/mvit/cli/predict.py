@@ -6,13 +6,18 @@ import contextlib
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Mapping, Optional
 
 import typer
+from rich.text import Text
 
 from mvit.cli.common import PRECISION_HELP, PrecisionChoice, check_writable, device_option, load_model, model_option, site_option
-from mvit.cli.output import OutputFormat, print_table, printable, say, show, stderr
+from mvit.cli.output import OutputFormat, plain, print_table, printable, say, show, stderr
 from mvit.errors import MvitError
+from mvit.registry.words import count
+
+if TYPE_CHECKING:  # the facts of a head, for annotations only: the command line starts without torch
+    from mvit.core.heads import HeadInfo
 
 
 def predict_command(
@@ -49,7 +54,8 @@ def predict_command(
     if failed < len(files):  # what the predictions rest on, once per run, after them
         _note_uncalibrated(model, names, threshold)
     if failed:
-        _say_failed(failed, len(files), f"the other {len(files) - failed} were predicted")
+        predicted = len(files) - failed
+        _say_failed(failed, len(files), f"the other {count(predicted, 'image')} {'was' if predicted == 1 else 'were'} predicted")
         raise typer.Exit(1)
 
 
@@ -73,8 +79,8 @@ def _predict_share(model, files: list, shown: list[str], names: list[str], outpu
     failed = 0
     try:
         with written:
-            writer = _PredictionWriter(output, sink, {name: model.heads[name].classes for name in names},
-                                       gate=model.ood_gate is not None, site=model.site) if processes.main else None
+            writer = _PredictionWriter(output, sink, {name: model.heads[name] for name in names},
+                                       gate=model.ood_gate is not None, site=model.site, abstain=abstain) if processes.main else None
             with progress_bar(stderr, disable=not (processes.main and stderr.is_terminal)) as progress:
                 task = progress.add_task("predicting", total=len(files))
                 for index, result in enumerate(results):  # one result per input, in input order (none on ranks > 0)
@@ -136,7 +142,7 @@ def attention_command(
             for path in plots.attention_figures(found, out, stems[index], title=title):
                 show(str(path))
     if failed:
-        _say_failed(failed, len(files), f"maps for the others are in {out}")
+        _say_failed(failed, len(files), f"maps for the {'other image' if len(files) - failed == 1 else 'others'} are in {out}")
         raise typer.Exit(1)
 
 
@@ -220,20 +226,20 @@ def _open_for_writing(path: Path) -> tuple[contextlib.ExitStack, object]:
 class _PredictionWriter:
     """Writes predictions as they come: json and csv stream record by record; the table waits for all.
 
-    json and csv always carry `ood_score` and `in_distribution` (null / empty without a gate); the
-    table gets an `in dist.` column only when the model has a gate. With a site, every format names
-    it (a `site` column, a `site` field, the table's title); without one, the output is as it always was.
+    json and csv always carry `ood_score` and `in_distribution` (null / empty without a gate). With a
+    site, every format names it (a `site` column, a `site` field, the table's title); without one,
+    the output is as it always was.
     """
 
-    def __init__(self, output: OutputFormat, sink, classes: dict[str, tuple[str, ...]], gate: bool = False,
-                 site: Optional[str] = None):
+    def __init__(self, output: OutputFormat, sink, heads: Mapping[str, HeadInfo], gate: bool = False,
+                 site: Optional[str] = None, abstain: bool = False):
         import csv
 
-        self.output, self.sink, self.gate, self.site = output, sink, gate, site
-        self.rows: list[list[str]] = []
+        self.output, self.sink, self.site = output, sink, site
+        self.table = _PredictionTable(heads, gate, site, abstain) if output is OutputFormat.table else None
         self.first = True
         # one probability column per class name, shared by heads that have the class
-        self.classes = list(dict.fromkeys(name for names in classes.values() for name in names))
+        self.classes = list(dict.fromkeys(name for info in heads.values() for name in info.classes))
         if output is OutputFormat.csv:
             self.csv = csv.writer(sink, lineterminator="\n")
             self.csv.writerow(["image", "head", *(["site"] if site else []), "label", "probability", "threshold", "ood_score",
@@ -244,13 +250,8 @@ class _PredictionWriter:
     def add(self, predictions) -> None:
         import json
 
-        if self.output is OutputFormat.table:
-            # a row per head, the image named once: stays readable however many heads are asked for
-            for k, p in enumerate(predictions):
-                row = [str(p.image) if k == 0 else "", p.head, p.label, _number(p.probability, ".3f"), _number(p.threshold, ".3g")]
-                if self.gate:
-                    row.insert(1, ("yes" if p.in_distribution else "NO") if k == 0 else "")
-                self.rows.append(row)
+        if self.table is not None:
+            self.table.add(predictions)
         for p in predictions:
             if self.output is OutputFormat.csv:
                 in_distribution = "" if p.in_distribution is None else str(int(p.in_distribution))
@@ -264,11 +265,59 @@ class _PredictionWriter:
     def close(self) -> None:
         if self.output is OutputFormat.json:
             self.sink.write("\n]\n")
-        elif self.output is OutputFormat.table and self.rows:
-            columns = ["image", "head", "label", "probability", "threshold"]
+        elif self.table is not None:
+            self.table.print()
+
+
+class _PredictionTable:
+    """The table for people: a row per image and head, the image named once, so it stays readable
+    however many heads are asked for; paths shortened to fit the terminal.
+
+    A binary head decides by its positive class's probability against its threshold, so its row
+    shows that probability (under `P(melanoma)`), not the label's, which beside the threshold would
+    read as a contradiction (`not_melanoma 1.000`, threshold 0.07); a multi-class head shows its
+    label's (`P(label)`); the threshold column only where a binary head is. With a gate, an `in
+    dist.` column, and an image the gate flags gets a line of its own saying so, and a caption.
+    """
+
+    def __init__(self, heads: Mapping[str, HeadInfo], gate: bool, site: Optional[str], abstain: bool):
+        self.gate, self.site, self.abstain = gate, site, abstain
+        self.positive = {name: info.positive for name, info in heads.items() if info.is_binary}
+        shown = [*dict.fromkeys(f"P({positive})" for positive in self.positive.values())]
+        if len(self.positive) < len(heads):
+            shown.append("P(label)")
+        # the heading says what each row's number is; one line per meaning keeps the column narrow
+        self.columns = ["image", *(["in dist."] if gate else []), "head", "label",
+                        Text("\nor ").join(map(plain, shown)), *(["threshold"] if self.positive else [])]
+        self.rows: list[list] = []
+        self.flagged = 0
+
+    def add(self, predictions) -> None:
+        for k, p in enumerate(predictions):
+            row = [str(p.image) if k == 0 else ""]
             if self.gate:
-                columns.insert(1, "in dist.")
-            print_table("Predictions" + (f" (site {self.site})" if self.site else ""), columns, self.rows)
+                row.append(("yes" if p.in_distribution else plain("NO", "bold red")) if k == 0 else "")
+            positive = self.positive.get(p.head)
+            row += [p.head, p.label, _number(p.probabilities[positive] if positive else p.probability, ".3f")]
+            self.rows.append(row + ([_number(p.threshold, ".3g")] if self.positive else []))
+        if predictions and predictions[0].in_distribution is False:  # the gate's verdict is the image's, on every head
+            self.flagged += 1
+            self.rows.append([plain("⚠ outside what the model knows", "bold red"), *[""] * (len(self.columns) - 1)])
+
+    def print(self) -> None:
+        if not self.rows:
+            return
+        caption = None
+        if self.flagged:
+            from mvit.infer.prediction import UNKNOWN
+
+            one = self.flagged == 1
+            labels = f"{UNKNOWN} (--abstain)" if self.abstain else f"guesses; --abstain labels such images {UNKNOWN}"
+            caption = plain(f"⚠ {count(self.flagged, 'image')} outside what the model knows: the out-of-distribution gate found "
+                            f"{'it' if one else 'them'} unlike the model's training images, so {'its' if one else 'their'} "
+                            f"labels are {labels}", "bold red")
+        print_table("Predictions" + (f" (site {self.site})" if self.site else ""), self.columns, self.rows,
+                    caption=caption, fit=0)
 
 
 def _number(value: Optional[float], spec: str) -> str:

@@ -21,6 +21,7 @@ from mvit.core.sites import GateWithSites, Site
 from mvit.core.vit import VisionTransformer
 from mvit.errors import MvitError, UnknownHeadError
 from mvit.registry.specs import HeadSpec
+from mvit.registry.words import nearest
 
 
 class Model(nn.Module):
@@ -90,10 +91,9 @@ class Model(nn.Module):
         for name in names:
             if name not in self._head_info:
                 have = ", ".join(self._head_info) or "none"
-                raise UnknownHeadError(
-                    f"this model has no head {name!r} (it has: {have}); "
-                    f"train one with `mvit train` on a config whose dataset offers head {name!r}"
-                )
+                near = nearest(name, self._head_info)  # a typo is likelier than a head to train
+                what_now = f"did you mean {near!r}?" if near else f"train one with `mvit train` on a config whose dataset offers head {name!r}"
+                raise UnknownHeadError(f"this model has no head {name!r} (it has: {have}); {what_now}")
         return names
 
     # ---- sites ------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import io
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,8 +69,10 @@ def decode_problem(image: EncodedImage) -> Optional[str]:
         _decode(io.BytesIO(image.data), image.name, draft=True)
     except ImageError as error:
         return str(error)
+    except UnidentifiedImageError:  # from the first open, before `_decode` would have said it
+        return str(_not_an_image(image.name))
     except Exception as error:  # noqa: BLE001 - verify() raises many types for a bad file
-        return f"{image.name} is damaged or incomplete: Pillow could not read it ({str(error) or type(error).__name__})"
+        return f"{image.name} is damaged or incomplete: Pillow could not read it ({_pillow_words(error)})"
     return None
 
 
@@ -92,13 +95,27 @@ def _decode(source: Union[Path, BinaryIO], name: str, max_pixels: int = MAX_PIXE
     except (FileNotFoundError, IsADirectoryError, PermissionError):
         raise  # the caller names these for a path
     except UnidentifiedImageError:
-        raise ImageError(f"{name} is not an image file mvit can read (JPEG, PNG, BMP, TIFF ...)") from None
+        raise _not_an_image(name) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageTooLarge(f"{name} is too large to decode safely (over {min(max_pixels, MAX_PIXELS):,} pixels)") from None
     except (OSError, SyntaxError, ValueError) as error:  # Pillow's decoders report damage in these types
         # Pillow's own words name the symptom, not always the cause ("Truncated File Read" for a bad
         # chunk in a whole file), so they are quoted as Pillow's
-        raise ImageError(f"{name} is damaged or incomplete: Pillow could not decode it ({str(error) or type(error).__name__})") from None
+        raise ImageError(f"{name} is damaged or incomplete: Pillow could not decode it ({_pillow_words(error)})") from None
+
+
+def _not_an_image(name: str) -> ImageError:
+    return ImageError(f"{name} is not an image file mvit can read (JPEG, PNG, BMP, TIFF ...)")
+
+
+# what Pillow writes for the stream it read from an upload or a pipe: `<_io.BytesIO object at 0x7f...>`
+_PYTHON_OBJECT = re.compile(r"\s*<[^<>]* object at 0x[0-9a-fA-F]+>")
+
+
+def _pillow_words(error: Exception) -> str:
+    """Pillow's message for `error`, less any Python object it names: the sentence names the file
+    already, and a memory address tells a user nothing."""
+    return _PYTHON_OBJECT.sub("", str(error)).strip() or type(error).__name__
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -3,13 +3,13 @@ plugins that were skipped; look-ups that name what exists when a name is wrong."
 
 from __future__ import annotations
 
-import difflib
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Literal, Optional
 
 from mvit.errors import PluginError
 from mvit.registry.specs import DatasetSpec, HeadSpec
+from mvit.registry.words import nearest
 
 
 @dataclass(frozen=True)
@@ -79,8 +79,8 @@ class Registry:
         if reason is not None:
             return f"the {kind} {name!r} is installed but skipped: {reason}"
         names = sorted(known)
-        near = difflib.get_close_matches(name, names, n=1)
-        hint = f"did you mean {near[0]!r}? " if near else ""
+        near = nearest(name, names)
+        hint = f"did you mean {near!r}? " if near else ""
         skipped = sum(key.startswith("plugin:") for key in self.skipped)
         also = f"; {skipped} installed plugin{'s were' if skipped > 1 else ' was'} skipped" if skipped else ""
         return (
