@@ -77,8 +77,9 @@ def print_table(title: str, columns: list[Cell], rows: list[list[Cell]], *, capt
     if fit is not None:
         rows = _fitted(columns, rows, fit)
     table = Table(title=plain(title), title_justify="left", highlight=False, caption=caption, caption_justify="left")
-    for column in columns:
-        table.add_column(_cell(column), overflow="fold")
+    for k, column in enumerate(columns):
+        # beside a column of paths, names and numbers are never split: the paths give way
+        table.add_column(_cell(column), overflow="fold", no_wrap=fit is not None and k != fit)
     for row in rows:
         table.add_row(*map(_cell, row))
     stdout.print(table)
