@@ -91,14 +91,17 @@ def plugins_new_command(
 
 @data_app.command("check")
 def data_check_command(
-    name: str = typer.Argument(..., help="dataset name, as `mvit plugins` lists it"),
-    root: Path = typer.Option(..., "--root", help="the dataset's folder"),
+    name: Optional[str] = typer.Argument(None, help="dataset name, as `mvit plugins` lists it (with --folder: a name for your own dataset)"),
+    root: Optional[Path] = typer.Option(None, "--root", help="the dataset's folder"),
+    folder: Optional[Path] = typer.Option(None, "--folder", help="your own folder of class sub-folders, or CSV of image,label[,group]: checked without a plugin"),
     output: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="table, json or csv (counts)"),
     seed: int = typer.Option(0, help=SEED_HELP),
 ) -> None:
     """Check a dataset folder: counts per split and class, missing, unreadable or unlabelled images, duplicates across splits. Exit 0 only when usable."""
     from mvit.datasets.check import check_dataset
+    from mvit.datasets.folder import own_root
 
+    name, root = own_root(name, root, folder)  # with --folder, your own dataset joins the registry
     report = check_dataset(name, root, seed=seed)
     if output is OutputFormat.json:
         typer.echo(report.model_dump_json(indent=2))

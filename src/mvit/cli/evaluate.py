@@ -15,7 +15,8 @@ from mvit.errors import MvitError
 
 def evaluate_command(
     head: str = typer.Option(..., "--head", "-H", help="head to evaluate"),
-    root: Path = typer.Option(..., "--root", help="the folder of the dataset evaluated"),
+    root: Optional[Path] = typer.Option(None, "--root", help="the folder of the dataset evaluated"),
+    folder: Optional[Path] = typer.Option(None, "--folder", help="your own folder of class sub-folders, or CSV of image,label[,group], labelled with the head's class names: read without a plugin, as the head's dataset (so the split the model recorded applies)"),
     dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="installed dataset to evaluate on (default: the head's own); its labels are matched with the head's classes through mvit's diagnosis vocabulary"),
     out: Path = typer.Option(..., "--out", "-o", help="folder for metrics.json, predictions.csv and the figures (created)"),
     model_file: Optional[Path] = model_option(),
@@ -35,47 +36,69 @@ def evaluate_command(
     quiet_unless_rank_zero()  # under torchrun rank 0 alone prints and writes
     check_writable(out, "--out", folder=True)
     model = load_model(model_file, local_device(device), site)
-    processes = Processes.from_environment(model.device.type)
-    model.select_heads(head)
-    dataset = manager.get_head(head).dataset if dataset is None else manager.get_dataset(dataset).name
-    settings = split_settings(model.provenance, dataset)
-    if fold is not None and split == ALL_IMAGES:
-        raise MvitError(f"--split {ALL_IMAGES} evaluates every image, so a fold means nothing; leave out --fold")
-    if fold is not None:
-        trained = settings["fold"]
-        recorded = dataset in (model.provenance.get("splits") or {})
-        if recorded and trained != fold and not manager.get_dataset(dataset).official_splits:
-            held = "no fold (it was trained without cross-validation)" if trained is None else f"fold {trained}"
-            raise MvitError(f"the model held out {held} of {dataset}, so fold {fold} holds training images; leave out --fold")
-        settings["fold"] = fold
-    with processes:  # a clean run leaves the process group here, after the last exchange (see Processes.close)
-        metrics = evaluate_head(model, head, root, out, dataset=dataset, split=split, splits=settings,
-                                run=RunOptions(precision.value, batch_size, processes=processes))
-    if not processes.main:  # its share of the images is in rank 0's report
-        return
-    for message in metrics["unreadable"]:
-        say(f"warning: left out: {message}")
-    leaked = leak_sentence(metrics)
-    for note in metrics["notes"]:
-        say(f"{'warning' if note == leaked else 'note'}: {note}")
-    shown = ["n", "accuracy", "balanced_accuracy", "roc_auc", "sensitivity", "specificity", "threshold",
-             "ece_before_temperature", "ece_after_temperature", "brier"]
-    rows = [[key, "n/a" if metrics[key] is None else f"{metrics[key]:.4g}"] for key in shown if key in metrics]
-    columns, gate = ["metric", "value"], metrics.get("ood")
-    if gate is not None:  # a column of the same metrics on the images the out-of-distribution gate accepts
-        accepted = gate["metrics_on_accepted"] or {}
-        columns.append("on accepted")
-        for row in rows:
-            value = accepted.get({"ece_after_temperature": "ece"}.get(row[0], row[0]))
-            row.append("n/a" if value is None else f"{value:.4g}")
-    where = f"all images of {dataset}" if split == ALL_IMAGES else f"the {split} split of {dataset}"
-    unmapped = sum(metrics["left_out"].values())
-    count = f"{metrics['n']} images" + (f", {unmapped} left out as unmapped" if unmapped else "")
-    print_table(f"{head}{f' (site {site})' if site else ''} on {where} ({count})", columns, rows)
-    if gate is not None:
-        show(f"out-of-distribution gate ({gate['method']}): accepted {gate['accepted']} of {metrics['n']} images "
-             f"({gate['accepted_fraction']:.1%}); the last column is measured on those")
-    show(f"report written to {out}")
+    with _evaluated_registry(model, head, folder, root, dataset):
+        processes = Processes.from_environment(model.device.type)
+        model.select_heads(head)
+        dataset = manager.get_head(head).dataset if dataset is None else manager.get_dataset(dataset).name
+        settings = split_settings(model.provenance, dataset)
+        if fold is not None and split == ALL_IMAGES:
+            raise MvitError(f"--split {ALL_IMAGES} evaluates every image, so a fold means nothing; leave out --fold")
+        if fold is not None:
+            trained = settings["fold"]
+            recorded = dataset in (model.provenance.get("splits") or {})
+            if recorded and trained != fold and not manager.get_dataset(dataset).official_splits:
+                held = "no fold (it was trained without cross-validation)" if trained is None else f"fold {trained}"
+                raise MvitError(f"the model held out {held} of {dataset}, so fold {fold} holds training images; leave out --fold")
+            settings["fold"] = fold
+        with processes:  # a clean run leaves the process group here, after the last exchange (see Processes.close)
+            metrics = evaluate_head(model, head, folder or root, out, dataset=dataset, split=split, splits=settings,
+                                    run=RunOptions(precision.value, batch_size, processes=processes))
+        if not processes.main:  # its share of the images is in rank 0's report
+            return
+        for message in metrics["unreadable"]:
+            say(f"warning: left out: {message}")
+        leaked = leak_sentence(metrics)
+        for note in metrics["notes"]:
+            say(f"{'warning' if note == leaked else 'note'}: {note}")
+        shown = ["n", "accuracy", "balanced_accuracy", "roc_auc", "sensitivity", "specificity", "threshold",
+                 "ece_before_temperature", "ece_after_temperature", "brier"]
+        rows = [[key, "n/a" if metrics[key] is None else f"{metrics[key]:.4g}"] for key in shown if key in metrics]
+        columns, gate = ["metric", "value"], metrics.get("ood")
+        if gate is not None:  # a column of the same metrics on the images the out-of-distribution gate accepts
+            accepted = gate["metrics_on_accepted"] or {}
+            columns.append("on accepted")
+            for row in rows:
+                value = accepted.get({"ece_after_temperature": "ece"}.get(row[0], row[0]))
+                row.append("n/a" if value is None else f"{value:.4g}")
+        where = f"all images of {dataset}" if split == ALL_IMAGES else f"the {split} split of {dataset}"
+        unmapped = sum(metrics["left_out"].values())
+        count = f"{metrics['n']} images" + (f", {unmapped} left out as unmapped" if unmapped else "")
+        print_table(f"{head}{f' (site {site})' if site else ''} on {where} ({count})", columns, rows)
+        if gate is not None:
+            show(f"out-of-distribution gate ({gate['method']}): accepted {gate['accepted']} of {metrics['n']} images "
+                 f"({gate['accepted_fraction']:.1%}); the last column is measured on those")
+        show(f"report written to {out}")
+
+
+def _evaluated_registry(model, head: str, folder: Optional[Path], root: Optional[Path], dataset: Optional[str]):
+    """The registry `evaluate` looks the head and its dataset up in: the installed plugins', or with
+    --folder a registry of your own folder alone, as the head's dataset (named as the model recorded
+    it, so the split it recorded applies, and with the head's classes and positive class)."""
+    import contextlib
+
+    from mvit.datasets.folder import own_dataset
+    from mvit.registry import manager
+
+    if folder is None:
+        if root is None:
+            raise MvitError("give --root DIR (the head's dataset folder) or --folder PATH (your own folder or CSV)")
+        return contextlib.nullcontext()
+    if root is not None or dataset is not None:
+        raise MvitError("--folder is the dataset evaluated, in place of --root and --dataset: leave those out")
+    info = model.heads[model.select_heads(head)[0]]
+    # alone, so that a head trained on an installed plugin's dataset can be scored on your folder too
+    return manager.temporary_plugins(own_dataset(info.dataset, folder, classes=info.classes, positive=info.positive,
+                                                 head=info.name), entry_points=False)
 
 
 class GateMethod(str, Enum):

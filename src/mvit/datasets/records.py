@@ -19,7 +19,9 @@ from mvit.registry.specs import DatasetSpec, HeadSpec, Sample
 def read_dataset(spec: DatasetSpec, root: Path | str) -> list[Sample]:
     """The plugin's records for `root`, as loaded (rows without images included), labels checked."""
     root = Path(root).expanduser()
-    if not root.is_dir():
+    if spec.root_may_be_file and not root.exists():
+        raise DatasetError(f"there is no folder or file at {root} for {spec.name}; give {spec.layout or 'the dataset'}")
+    if not root.is_dir() and not (spec.root_may_be_file and root.is_file()):
         raise DatasetError(
             f"the {spec.name} folder {root} does not exist or is not a folder; the dataset folder must hold "
             f"{spec.layout or 'the dataset'}"

@@ -3,13 +3,14 @@
 The form most people have their labelled images in, read in one place: `mvit adapt --labels`
 reads it, and so can any plugin (it returns plain `Sample`s). A header row is required (column
 names are what tell `image` from `label`); `group` (a lesion or patient id, kept on one side of
-every split) defaults to the image's own path. Every mistake is one sentence naming the file and
-the row.
+every split) defaults to the image's path relative to the file, so a dataset split by it splits the
+same wherever its folder is moved. Every mistake is one sentence naming the file and the row.
 """
 
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 from mvit.errors import DatasetError
@@ -53,7 +54,7 @@ def read_labels_file(path: Path | str) -> list[Sample]:
             continue
         if not is_image(file):
             raise DatasetError(f"row {number} of {path} names {image}, which is not an image file (JPEG, PNG, BMP or TIFF)")
-        group = row[where["group"]].strip() if "group" in where and row[where["group"]].strip() else str(file)
+        group = row[where["group"]].strip() if "group" in where and row[where["group"]].strip() else own_group(file, path.parent)
         samples.append(Sample(path=file, label=label, group=group))
     if absent:
         raise DatasetError(f"{count(len(absent), 'image')} listed in {path} {'is' if len(absent) == 1 else 'are'} missing "
@@ -61,3 +62,9 @@ def read_labels_file(path: Path | str) -> list[Sample]:
     if not samples:
         raise DatasetError(f"the labels file {path} lists no images")
     return samples
+
+
+def own_group(image: Path, root: Path) -> str:
+    """The group of an image with no lesion id: its own path relative to the dataset's root (a
+    folder, or a labels file's folder), however the root is spelled and wherever it is moved."""
+    return Path(os.path.relpath(Path(image).resolve(), Path(root).resolve())).as_posix()

@@ -44,10 +44,16 @@ def build_registry(extra_plugins: Iterable[Any] = (), *, entry_points: bool = Tr
     if entry_points:
         _load_entry_points(pm, infos, warnings)
     for plugin in extra_plugins:
-        name = getattr(plugin, "__name__", None) or type(plugin).__name__
+        name = plugin_name(plugin)
         if _register(pm, plugin, name, warnings, IN_PROCESS):
             infos[name] = PluginInfo(name=name, distribution=IN_PROCESS, version="")
     return _collect(pm, infos, warnings)
+
+
+def plugin_name(plugin: Any) -> str:
+    """The name an in-process plugin is registered under: a module's name, an object's own
+    `__name__` where it sets one, else its class's."""
+    return getattr(plugin, "__name__", None) or type(plugin).__name__
 
 
 def _skip(warnings: list[PluginWarning], name: str, dist: str, message: str, error: Optional[BaseException] = None,

@@ -123,6 +123,8 @@ class DatasetSpec(BaseModel):
     # root folder -> every image file the layout holds, labelled or not (to find images without labels);
     # None means every image file under the root
     find_images: Optional[Callable[[Path], list[Path]]] = None
+    # True when the root may be a file as well as a folder: a CSV labels file (`read_labels_file`), say
+    root_may_be_file: bool = False
 
     @field_validator("diagnoses", mode="before")
     @classmethod

@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 from mvit.data.mixing import IGNORE
-from mvit.errors import ConfigError, DatasetError, PluginError
-from mvit.datasets import leakage, splits
+from mvit.errors import ConfigError, DatasetError, MvitError, PluginError
+from mvit.datasets import folder, leakage, splits
 from mvit.registry import manager
 from mvit.datasets.records import class_indices
 from mvit.registry.specs import Sample
@@ -48,6 +48,7 @@ class Task:
 
 def build_tasks(config: TrainConfig, say: Callable[[str], None]) -> list[Task]:
     """Load and split every dataset, and keep images shared between datasets out of training."""
+    register_own_datasets(config)  # before anything looks a dataset up
     check_heads(config, say)  # before any dataset is read
     per_dataset, heads, roles = {}, {}, {}
     for i, entry in enumerate(config.datasets):
@@ -87,6 +88,20 @@ def build_tasks(config: TrainConfig, say: Callable[[str], None]) -> list[Task]:
                 raise ConfigError(f"dataset {entry.name} has no images in its {split} split; check its root and split settings")
         tasks.append(Task(entry.name, heads[entry.name], kept, targets, roles[entry.name]))
     return tasks
+
+
+def register_own_datasets(config: TrainConfig) -> None:
+    """The config's own folders and CSV files (`[datasets.folder]`) as datasets of this process's
+    registry. Here, where every run and `mvit extract` start, in each of torchrun's processes (each
+    has its own registry) and again at a resume, which reads them from the run's config."""
+    for i, entry in enumerate(config.datasets):
+        if entry.folder is None:
+            continue
+        try:
+            folder.register(folder.own_dataset(entry.name, entry.root, classes=entry.folder.classes,
+                                               positive=entry.folder.positive, diagnoses=entry.folder.diagnoses))
+        except MvitError as error:  # say which dataset of the config, so the user knows what to change
+            raise type(error)(f"datasets.{i} ({entry.name}, your own dataset at {entry.root}): {error}") from None
 
 
 def check_heads(config: TrainConfig, say: Callable[[str], None]) -> None:
