@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping, Optional
 
 import pytest
@@ -37,10 +38,10 @@ def call_mvit(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, *a
     return Result(code, out, err)
 
 
-def run_mvit(*args: str, env: Optional[Mapping[str, str]] = None, timeout: float = 120) -> Result:
-    """`python -m mvit ARGS` as its own process: entry points, exit status and streams for real."""
+def run_mvit(*args: str, env: Optional[Mapping[str, str]] = None, timeout: float = 120, cwd: Optional[Path] = None) -> Result:
+    """`python -m mvit ARGS` as its own process (in folder `cwd`): entry points, exit status and streams for real."""
     full_env = {**os.environ, "COLUMNS": "200", **(env or {})}
     done = subprocess.run(
-        [sys.executable, "-m", "mvit", *args], capture_output=True, text=True, env=full_env, timeout=timeout
+        [sys.executable, "-m", "mvit", *args], capture_output=True, text=True, env=full_env, timeout=timeout, cwd=cwd
     )
     return Result(done.returncode, done.stdout, done.stderr)

@@ -52,12 +52,13 @@ class Server:
             raise
 
 
-def start_server(*args: str, log: Path, env: Optional[dict] = None, token: Optional[str] = None, timeout: float = 120) -> Server:
-    """`mvit serve --port 0 ARGS` started and answering /healthz; its URL read from what it prints."""
+def start_server(*args: str, log: Path, env: Optional[dict] = None, token: Optional[str] = None, timeout: float = 120,
+                 cwd: Optional[Path] = None) -> Server:
+    """`mvit serve --port 0 ARGS` (in folder `cwd`) started and answering /healthz; its URL read from what it prints."""
     full_env = {**os.environ, "COLUMNS": "200", **(env or {})}
     stream = open(log, "w")
     process = subprocess.Popen([sys.executable, "-m", "mvit", "serve", "--port", "0", *args],
-                               stdout=subprocess.DEVNULL, stderr=stream, env=full_env)
+                               stdout=subprocess.DEVNULL, stderr=stream, env=full_env, cwd=cwd)
     stream.close()
     deadline = time.monotonic() + timeout
     url = None
