@@ -20,7 +20,7 @@ from mvit.errors import UnknownHeadError
 from mvit.evaluate.gate import GateRecipe, fit_gate
 from mvit.infer.model import load as load_model
 from mvit.infer.predict import UNKNOWN
-from test_ood import lesion, lesions, screenshot
+from test_ood import lesions, mixed_images  # noqa: F401 - mixed_images: a fixture, used by name
 
 PYTHON_OBJECT = "object at 0x"  # what `repr` of a stream looks like: never in a sentence for a user
 FLAG = "⚠ outside what the model knows"
@@ -83,19 +83,10 @@ def gated_file(tmp_path_factory):
     return model_files.save(model, tmp_path_factory.mktemp("gated") / "gated.safetensors")
 
 
-@pytest.fixture
-def lesion_and_screenshot(tmp_path):
-    folder = tmp_path / "mixed"
-    folder.mkdir()
-    lesion("test0").save(folder / "a_lesion.png")
-    screenshot(3).save(folder / "b_screenshot.png")
-    return folder
-
-
-def test_an_image_the_gate_flags_gets_a_line_saying_so_and_json_is_as_it_was(capsys, monkeypatch, gated_file, lesion_and_screenshot):
-    api = load_model(gated_file).predict(sorted(lesion_and_screenshot.iterdir()), head="dermmel")
+def test_an_image_the_gate_flags_gets_a_line_saying_so_and_json_is_as_it_was(capsys, monkeypatch, gated_file, mixed_images):
+    api = load_model(gated_file).predict(sorted(mixed_images.iterdir()), head="dermmel")
     assert [p.in_distribution for p in api] == [True, False]  # the lesion passes, the screenshot is flagged
-    table = run_mvit("predict", "-m", str(gated_file), "-H", "dermmel", str(lesion_and_screenshot)).stdout  # 200 columns
+    table = run_mvit("predict", "-m", str(gated_file), "-H", "dermmel", str(mixed_images)).stdout  # 200 columns
     lines = table.splitlines()
     flagged = [k for k, line in enumerate(lines) if FLAG in line]
     assert len(flagged) == 1 and "b_screenshot.png" in lines[flagged[0] - 1]  # the line right under its image
@@ -103,17 +94,17 @@ def test_an_image_the_gate_flags_gets_a_line_saying_so_and_json_is_as_it_was(cap
     assert "1 image outside what the model knows" in words and "labels are guesses" in words  # and why, under the table
     assert "in dist." in table and "NO" in table
     # the formats for programs keep their fields and say it as they did
-    records = json.loads(mvit(capsys, monkeypatch, "predict", "-m", gated_file, "-H", "dermmel", "-f", "json", lesion_and_screenshot).stdout)
+    records = json.loads(mvit(capsys, monkeypatch, "predict", "-m", gated_file, "-H", "dermmel", "-f", "json", mixed_images).stdout)
     assert [r["in_distribution"] for r in records] == [True, False]
     assert list(records[1]) == ["image", "head", "label", "probability", "probabilities", "threshold", "ood_score", "in_distribution"]
     # --abstain: the flagged image is labelled unknown, as before, and the table still says why
-    abstained = run_mvit("predict", "-m", str(gated_file), "-H", "dermmel", "--abstain", str(lesion_and_screenshot)).stdout
+    abstained = run_mvit("predict", "-m", str(gated_file), "-H", "dermmel", "--abstain", str(mixed_images)).stdout
     assert cells(abstained, "dermmel")[3] != UNKNOWN and UNKNOWN in abstained.split("b_screenshot.png")[1]
     assert FLAG in abstained and f"labels are {UNKNOWN} (--abstain)" in " ".join(abstained.split())
 
 
-def test_no_flag_line_without_a_flagged_image(capsys, monkeypatch, gated_file, lesion_and_screenshot):
-    done = mvit(capsys, monkeypatch, "predict", "-m", gated_file, "-H", "dermmel", lesion_and_screenshot / "a_lesion.png")
+def test_no_flag_line_without_a_flagged_image(capsys, monkeypatch, gated_file, mixed_images):
+    done = mvit(capsys, monkeypatch, "predict", "-m", gated_file, "-H", "dermmel", mixed_images / "a_lesion.png")
     assert done.code == 0 and "yes" in done.stdout and "outside what the model knows" not in done.stdout
 
 
