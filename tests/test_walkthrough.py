@@ -38,7 +38,7 @@ def test_the_page_is_a_walk_from_set_up_to_serving():
     steps = commands()
     assert steps[: len(SET_UP)] == list(SET_UP)
     verbs = [shlex.split(step)[1] for step in steps if step.startswith("mvit ")]
-    assert verbs == ["predict", "data", "train", "evaluate", "predict", "serve"]
+    assert verbs == ["predict", "data", "train", "calibrate", "evaluate", "predict", "serve"]
     assert any(step.startswith("curl ") for step in steps)
 
 
@@ -72,5 +72,7 @@ def test_the_first_hour_runs_as_written(tmp_path):
         assert done.code == 0, f"{step}\n{done.stderr}"
         if words[1] == "predict" and "--model" in words:
             assert "lesions" in done.stdout and "P(melanoma)" in done.stdout
+        if words[1] == "train":  # it says how to refit the gate, as the page does
+            assert "mvit calibrate -m" in " ".join(done.stderr.split()) and "--dataset lesions --root" in " ".join(done.stderr.split())
     served.stop()
     assert (tmp_path / "report" / "metrics.json").is_file()

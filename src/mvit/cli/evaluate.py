@@ -101,6 +101,17 @@ def _evaluated_registry(model, head: str, folder: Optional[Path], root: Optional
                                                  head=info.name), entry_points=False)
 
 
+def _register_own_folders(model, roots: dict[str, Path]) -> None:
+    """Each --dataset no plugin offers but the model was trained on from your own folder or CSV
+    (`[datasets.folder]`), made a dataset of this process from its --root and the model's head."""
+    from mvit.datasets import folder
+    from mvit.registry import manager
+
+    installed = manager.registry().datasets
+    own = [folder.recorded(name, root, model.heads.values()) for name, root in roots.items() if name not in installed]
+    folder.register(*[dataset for dataset in own if dataset is not None])
+
+
 class GateMethod(str, Enum):
     knn = "knn"
     mahalanobis = "mahalanobis"
@@ -139,6 +150,7 @@ def calibrate_command(
     source = model_file if model_file is not None else model_files.bundled_model_path()
     model = load_model(source, device)
     block = resolve_layer(model.backbone, layer)
+    _register_own_folders(model, dict(zip(datasets, roots)))
     train_paths, valid_paths = calibration_paths(model, dict(zip(datasets, roots)))
     if model.ood_gate is not None:
         say(f"replacing the model's {model.ood_gate.method} gate")

@@ -11,7 +11,7 @@ A plugin package stays the way to share a dataset with others.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, Union
+from typing import Iterable, Mapping, Optional, Sequence, Union
 
 from pydantic import ValidationError
 
@@ -111,6 +111,16 @@ def own_dataset(
     except ValidationError as error:
         raise ConfigError(_sentence(error)) from None
     return OwnDataset(dataset, spec)
+
+
+def recorded(name: str, root: Union[str, Path], heads: Iterable) -> Optional[OwnDataset]:
+    """Your own folder or CSV at `root` as dataset `name` of a model that was trained on it, with the
+    classes and positive class its head (among `heads`, the model's HeadInfo) records; None where no
+    head of the model was trained on a dataset of that name."""
+    info = next((info for info in heads if info.dataset == name), None)
+    if info is None:
+        return None
+    return own_dataset(name, root, classes=info.classes, positive=info.positive, head=info.name)
 
 
 def _name_problem(plugin: OwnDataset) -> Optional[str]:

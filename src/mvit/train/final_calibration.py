@@ -63,9 +63,13 @@ def run_gate(model: Model, tasks: list[Task], config: TrainConfig, *, cache: Pat
     if not config.calibration.ood_gate.enabled:
         return None
     if model.ood_gate is not None:
-        datasets = ", ".join(model.ood_gate.info.datasets) or "its training data"
-        say(f"kept the init model's out-of-distribution gate (fitted on {datasets}); to cover this run's "
-            f"datasets too, refit it on all of them with `mvit calibrate`")
+        fitted_on = model.ood_gate.info.datasets
+        roots = {name: "DIR" for name in fitted_on} | {d.name: str(d.root) for d in config.datasets}
+        pairs = " ".join(f"--dataset {name} --root {root}" for name, root in roots.items())
+        best = Path(config.output) / "best.safetensors"
+        say(f"kept the init model's out-of-distribution gate (fitted on {', '.join(fitted_on) or 'its training data'}); "
+            f"to cover this run's datasets too, refit it on all of them (or on the ones you have): "
+            f"mvit calibrate -m {best} -o {best} {pairs}")
         return model.ood_gate
     return _fit_gate(model, tasks, config, cache=cache, workers=workers, say=say, leave_out=leave_out)
 
