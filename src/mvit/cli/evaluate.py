@@ -86,7 +86,7 @@ def _evaluated_registry(model, head: str, folder: Optional[Path], root: Optional
     it, so the split it recorded applies, and with the head's classes and positive class)."""
     import contextlib
 
-    from mvit.datasets.folder import own_dataset
+    from mvit.datasets.folder import recorded
     from mvit.registry import manager
 
     if folder is None:
@@ -97,8 +97,7 @@ def _evaluated_registry(model, head: str, folder: Optional[Path], root: Optional
         raise MvitError("--folder is the dataset evaluated, in place of --root and --dataset: leave those out")
     info = model.heads[model.select_heads(head)[0]]
     # alone, so that a head trained on an installed plugin's dataset can be scored on your folder too
-    return manager.temporary_plugins(own_dataset(info.dataset, folder, classes=info.classes, positive=info.positive,
-                                                 head=info.name), entry_points=False)
+    return manager.temporary_plugins(recorded(info.dataset, folder, [info]), entry_points=False)
 
 
 def _register_own_folders(model, roots: dict[str, Path]) -> None:

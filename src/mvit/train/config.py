@@ -264,10 +264,14 @@ def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None) -
     return validate_config(raw, source=str(path), overridden=overridden)
 
 
+# the paths of a config outside its datasets (each dataset's root is one too); training.feature_cache:
+# where configs before [runtime] kept it
+PATH_FIELDS = (("output",), ("backbone", "init"), ("runtime", "feature_cache"), ("training", "feature_cache"))
+
+
 def _is_path(key: tuple[str, ...]) -> bool:
     """Whether the dotted key (split) names a path of the config."""
-    return (key in (("output",), ("backbone", "init"), ("runtime", "feature_cache"), ("training", "feature_cache"))
-            or (len(key) == 3 and key[0] == "datasets" and key[2] == "root"))
+    return key in PATH_FIELDS or (len(key) == 3 and key[0] == "datasets" and key[2] == "root")
 
 
 def _anchored(key: tuple[str, ...], value, base: Path):
@@ -279,7 +283,7 @@ def _anchored(key: tuple[str, ...], value, base: Path):
 
 def _anchor_paths(raw: dict, base: Path) -> None:
     """Every relative path of the raw config made absolute against `base`, in place."""
-    for key in (("output",), ("backbone", "init"), ("runtime", "feature_cache"), ("training", "feature_cache")):
+    for key in PATH_FIELDS:
         *parents, leaf = key
         section = raw.get(parents[0]) if parents else raw
         if isinstance(section, dict) and leaf in section:
